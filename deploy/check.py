@@ -1,0 +1,142 @@
+"""Validate rendered engine args with the pinned vLLM's own parser and model-config code.
+
+No GPU and no weights are needed: vLLM builds its ModelConfig from a directory holding only
+config.json (`--skip-tokenizer-init`). The values printed are the ones vLLM computed, not ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from deploy.errors import CheckError
+from deploy.profile import Profile
+from deploy.render import engine_args
+
+
+@dataclass(frozen=True)
+class Effective:
+    """The serving configuration as the pinned vLLM computes it."""
+
+    profile: str
+    max_model_len: int
+    dtype: str
+    quantization: str | None
+    rope_type: str
+    rope_factor: float | None
+    rope_original_max_position_embeddings: int | None
+    rope_theta: float | None
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    executor_backend: str
+    kv_cache_dtype: str
+    reasoning_parser: str | None
+    tool_call_parser: str | None
+    enable_auto_tool_choice: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _first_reason(exc: BaseException) -> str:
+    """vLLM's own reason, without pydantic's wrapping and help links."""
+    text = str(exc)
+    match = re.search(r"Value error, (.*?)(?: \[type=|$)", text, flags=re.S)
+    reason = match.group(1) if match else text.strip().splitlines()[-1] if text.strip() else repr(exc)
+    return " ".join(reason.split())
+
+
+def _parser() -> argparse.ArgumentParser:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+    def error(message: str) -> NoReturn:  # argparse would print usage and exit
+        raise CheckError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def _check_parser_names(profile: Profile) -> None:
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    known_reasoning = ReasoningParserManager.list_registered()
+    if profile.reasoning_parser and profile.reasoning_parser not in known_reasoning:
+        raise CheckError(
+            f"reasoning_parser: {profile.reasoning_parser!r} is not a reasoning parser of this vLLM; "
+            f"known: {', '.join(sorted(known_reasoning))}"
+        )
+    known_tools = ToolParserManager.list_registered()
+    if profile.tool_call_parser and profile.tool_call_parser not in known_tools:
+        raise CheckError(
+            f"tool_call_parser: {profile.tool_call_parser!r} is not a tool-call parser of this vLLM; "
+            f"known: {', '.join(sorted(known_tools))}"
+        )
+
+
+def _config_theta(config_dir: Path) -> float | None:
+    config = json.loads((config_dir / "config.json").read_text())
+    theta = config.get("rope_theta")
+    if theta is None and isinstance(config.get("rope_parameters"), dict):
+        theta = config["rope_parameters"].get("rope_theta")
+    return float(theta) if theta is not None else None
+
+
+def check_profile(profile: Profile) -> Effective:
+    """Parse the rendered args with vLLM and build its model config; raise CheckError on refusal."""
+    config_dir = profile.config_dir
+    if config_dir is None or not (config_dir / "config.json").is_file():
+        hint = "run `make tiny-model`" if profile.generator else "set offline_config to a directory under configs/"
+        raise CheckError(f"{profile.name}: no config.json at {config_dir}: {hint}")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    argv = [*engine_args(profile, model=str(config_dir)), "--skip-tokenizer-init"]
+    try:
+        namespace = _parser().parse_args(argv)
+        validate_parsed_serve_args(namespace)
+    except CheckError as exc:
+        raise CheckError(f"{profile.name}: vLLM rejected the arguments: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckError(f"{profile.name}: vLLM rejected the arguments: {_first_reason(exc)}") from None
+    _check_parser_names(profile)
+    engine = AsyncEngineArgs.from_cli_args(namespace)
+    try:
+        model_config = engine.create_model_config()
+    except Exception as exc:  # vLLM raises pydantic, value and type errors here
+        raise CheckError(f"{profile.name}: vLLM refused the model config: {_first_reason(exc)}") from None
+
+    hf = model_config.hf_text_config
+    rope: dict[str, Any] = dict(getattr(hf, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
+    if profile.rope_scaling is not None:
+        expected = _config_theta(config_dir)
+        if expected is not None and theta != expected:
+            raise CheckError(
+                f"{profile.name}: rope_scaling.rope_theta: vLLM would use {theta} but the model's "
+                f"config.json has {expected}; set rope_scaling.rope_theta: {expected}"
+            )
+    return Effective(
+        profile=profile.name,
+        max_model_len=model_config.max_model_len,
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        quantization=model_config.quantization,
+        rope_type=str(rope.get("rope_type", "default")),
+        rope_factor=rope.get("factor"),
+        rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
+        rope_theta=float(theta) if theta is not None else None,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        pipeline_parallel_size=engine.pipeline_parallel_size,
+        executor_backend=str(engine.distributed_executor_backend or "uni"),
+        kv_cache_dtype=str(engine.kv_cache_dtype),
+        reasoning_parser=namespace.reasoning_parser or None,
+        tool_call_parser=namespace.tool_call_parser or None,
+        enable_auto_tool_choice=bool(namespace.enable_auto_tool_choice),
+    )

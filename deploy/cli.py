@@ -1,0 +1,187 @@
+"""`python -m deploy`: render, check, plan and serve model profiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from deploy import ray_cli
+from deploy.errors import DeployError
+from deploy.paths import GENERATED_MODELS_DIR
+from deploy.profile import Profile, known_profiles, load_profile
+
+
+def _profiles(args: argparse.Namespace) -> list[Profile]:
+    if getattr(args, "all", False):
+        if args.profile:
+            raise DeployError("give a profile name or --all, not both")
+        return [load_profile(name, args.set) for name in known_profiles()]
+    if not args.profile:
+        raise DeployError(f"name a profile (or --all); known profiles: {', '.join(known_profiles())}")
+    return [load_profile(args.profile, args.set)]
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from deploy.render import server_command
+
+    rendered = []
+    for profile in _profiles(args):
+        command = server_command(profile, port=args.port)
+        rendered.append({
+            "profile": profile.name,
+            "argv": command.argv[3:],  # after `python -m <module>`
+            "env": command.env,
+            "command": command.argv,
+            "shell": command.shell_line(),
+        })
+    if args.json:
+        print(json.dumps(rendered if args.all else rendered[0], indent=2))
+    else:
+        for item in rendered:
+            print(json.dumps(item["command"]))
+            print(item["shell"])
+    return 0
+
+
+def _describe_effective(values: dict[str, object]) -> str:
+    rope = "none"
+    if values["rope_type"] != "default":
+        rope = (f"{values['rope_type']} factor {values['rope_factor']} over "
+                f"{values['rope_original_max_position_embeddings']}")
+    rows = [
+        ("max_model_len", values["max_model_len"]),
+        ("rope scaling", rope),
+        ("rope theta", values["rope_theta"]),
+        ("dtype", values["dtype"]),
+        ("quantization", values["quantization"] or "none"),
+        ("kv cache dtype", values["kv_cache_dtype"]),
+        ("tensor x pipeline", f"{values['tensor_parallel_size']} x {values['pipeline_parallel_size']}"),
+        ("executor", values["executor_backend"]),
+        ("reasoning parser", values["reasoning_parser"] or "none"),
+        ("tool-call parser", values["tool_call_parser"] or "none"),
+        ("auto tool choice", values["enable_auto_tool_choice"]),
+    ]
+    return "\n".join(f"  {name:<18} {value}" for name, value in rows)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the result
+    from deploy.check import check_profile
+
+    results = []
+    for profile in _profiles(args):
+        effective = check_profile(profile).as_dict()
+        results.append(effective)
+        if not args.json:
+            print(f"{profile.name}: OK (as computed by vLLM)\n{_describe_effective(effective)}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from deploy.plan import format_plan, load_gpu_types, plan, smallest_fit
+
+    gpu_types = load_gpu_types()
+    if args.gpu not in gpu_types:
+        raise DeployError(f"--gpu {args.gpu!r} is not in configs/gpus.yaml; known: {', '.join(gpu_types)}")
+    profile = load_profile(args.profile, args.set)
+    gpu = gpu_types[args.gpu]
+    gpus = args.gpus or profile.parallelism.world_size
+    result = plan(profile, gpu, gpus, overhead_gib=args.overhead_gib)
+    print(format_plan(result, None if result.fits else smallest_fit(profile, gpu)))
+    return 0 if result.fits else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.launch import prepare, serve
+
+    profile = load_profile(args.profile, args.set)
+    port = args.port or profile.port
+    plan = prepare(profile, port=port, ray_address=args.ray_address, generate_model=not args.dry_run)
+    if args.dry_run:
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(json.dumps({"argv": plan.command.argv, "env": plan.command.env}, indent=2))
+        print(plan.command.shell_line())
+        return 0
+    return serve(plan, port=port, proxy_port=args.proxy_port, startup_timeout=args.startup_timeout)
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from deploy.tiny_model import generate
+
+    out = generate(args.out, force=args.force)
+    print(out)
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    for name in known_profiles():
+        profile = load_profile(name)
+        print(f"{name:<24} {profile.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_profile(p: argparse.ArgumentParser, allow_all: bool) -> None:
+        p.add_argument("profile", nargs="?", help="profile name (configs/models/<name>.yaml) or a .yaml path")
+        if allow_all:
+            p.add_argument("--all", action="store_true", help="every profile in configs/models")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a profile key, e.g. --set max_model_len=32768 --set parallelism.tensor=4")
+
+    p = sub.add_parser("profiles", help="list the model profiles")
+    p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser("render", help="print the exact vLLM argv for a profile (JSON and shell)")
+    with_profile(p, allow_all=True)
+    p.add_argument("--port", type=int, help="override the profile's port")
+    p.add_argument("--json", action="store_true", help="one JSON object (a list with --all)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("check", help="validate with the pinned vLLM's own parser and model config")
+    with_profile(p, allow_all=True)
+    p.add_argument("--json", action="store_true", help="print the effective values as JSON")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="GPU memory plan: weights, KV cache, what fits")
+    with_profile(p, allow_all=False)
+    p.add_argument("--gpu", required=True, help="GPU type from configs/gpus.yaml, e.g. h100-80gb")
+    p.add_argument("--gpus", type=int, help="GPU count (default: the profile's tensor x pipeline)")
+    p.add_argument("--overhead-gib", type=float, default=2.0, help="per-GPU activations/CUDA graphs allowance")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="validate and start vLLM for a profile")
+    with_profile(p, allow_all=False)
+    p.add_argument("--port", type=int, help="vLLM port (default: the profile's, 8100)")
+    p.add_argument("--proxy-port", type=int, help="also start the proxy in front of vLLM on this port")
+    p.add_argument("--ray-address", help="Ray cluster to join for executor: ray (default: auto)")
+    p.add_argument("--dry-run", action="store_true", help="run the checks, print the argv, start nothing")
+    p.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for /health")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tiny-model", help="generate the tiny CPU model (no download)")
+    p.add_argument("--out", type=Path, default=GENERATED_MODELS_DIR / "tiny-qwen3")
+    p.add_argument("--force", action="store_true", help="regenerate even if present")
+    p.set_defaults(func=cmd_tiny_model)
+
+    ray_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

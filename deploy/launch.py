@@ -1,0 +1,137 @@
+"""Start vLLM for a profile: preflight checks, then supervise the server process.
+
+The launcher runs vLLM as a child (an argv list, never a shell string), waits for its /health,
+prints how to reach it, forwards SIGINT/SIGTERM and exits with vLLM's status.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from deploy.errors import LaunchError
+from deploy.profile import Profile
+from deploy.render import Command, server_command
+from deploy.supervise import Child, Supervisor
+
+
+@dataclass
+class LaunchPlan:
+    """What `serve` will run, after every check that needs no process started."""
+
+    profile: Profile
+    command: Command
+    warnings: list[str] = field(default_factory=list)
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES narrows what nvidia-smi lists)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def ensure_model(profile: Profile) -> None:
+    path = profile.model_path
+    if path is None or (path / "config.json").is_file():
+        return
+    if profile.generator == "tiny-qwen3":
+        from deploy.tiny_model import generate
+
+        print(f"generating the tiny model into {path} (no download, ~5 s)", file=sys.stderr)
+        generate(path)
+        return
+    raise LaunchError(f"{profile.name}: model: no model at {path} (a local path: put the model there)")
+
+
+def check_gpus(profile: Profile) -> None:
+    if profile.device != "cuda" or profile.parallelism.executor == "ray":
+        return  # the Ray preflight counts the cluster's GPUs, which may be on other nodes
+    needed = profile.parallelism.world_size
+    have = visible_gpus()
+    if have < needed:
+        hint = " On a machine without an NVIDIA GPU use MODEL=tiny-qwen3." if have == 0 else ""
+        raise LaunchError(
+            f"{profile.name} needs {needed} GPU(s) (tensor {profile.parallelism.tensor} x pipeline "
+            f"{profile.parallelism.pipeline}); {have} visible.{hint}"
+        )
+
+
+def prepare(profile: Profile, port: int | None = None, ray_address: str | None = None,
+            generate_model: bool = True) -> LaunchPlan:
+    """Every check that can fail before a process starts; returns what to run."""
+    if generate_model:
+        ensure_model(profile)
+    check_gpus(profile)
+    command = server_command(profile, port=port)
+    warnings: list[str] = []
+    if profile.parallelism.executor == "ray":
+        from deploy import ray_preflight
+
+        report = ray_preflight.preflight(profile, ray_address)
+        warnings += report.warnings
+        command = Command(argv=command.argv, env={**command.env, **report.env})
+    return LaunchPlan(profile=profile, command=command, warnings=warnings)
+
+
+def serve(plan: LaunchPlan, port: int, proxy_port: int | None, startup_timeout: float) -> int:
+    """Run vLLM (and the proxy in front of it when proxy_port is given) until stopped."""
+    profile = plan.profile
+    for needed in (port, proxy_port):
+        if needed is not None and not port_free(needed):
+            raise LaunchError(f"port {needed} is in use: stop what listens there or pass PORT=<free port>")
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    vllm = Child(
+        name="vllm",
+        argv=plan.command.argv,
+        env={**os.environ, **plan.command.env},
+        health_url=f"http://127.0.0.1:{port}/health",
+    )
+    children = [vllm]
+    if proxy_port is not None:
+        children.append(Child(
+            name="proxy",
+            argv=[sys.executable, "-m", "serving", "--backend", f"{profile.name}=http://127.0.0.1:{port}",
+                  "--port", str(proxy_port)],
+            env=dict(os.environ),
+            health_url=f"http://127.0.0.1:{proxy_port}/ready",
+        ))
+    supervisor = Supervisor(children, startup_timeout=startup_timeout)
+    public_port = proxy_port or port
+    return supervisor.run(on_ready=lambda: print(ready_message(profile, public_port), flush=True))
+
+
+def ready_message(profile: Profile, port: int) -> str:
+    url = f"http://127.0.0.1:{port}"
+    body = (
+        f'{{"model": "{profile.served_model_name}", '
+        '"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}'
+    )
+    return (
+        f"\n{profile.name} is ready at {url}/v1 (model name: {profile.served_model_name})\n"
+        f"try:\n  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"    -d '{body}'\n"
+        "Ctrl-C stops it.\n"
+    )

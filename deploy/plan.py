@@ -1,0 +1,202 @@
+"""GPU memory planning from a model's config.json: weights, KV cache per token, what fits.
+
+Everything is computed from config.json and the profile; GPU sizes are data (configs/gpus.yaml).
+The figures are estimates of the same arithmetic vLLM does at start-up (weights, then KV cache
+in what is left under gpu_memory_utilization), minus a fixed allowance for activations and CUDA
+graphs that vLLM measures by profiling and that cannot be known without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploy.errors import DeployError
+from deploy.paths import CONFIGS_DIR
+from deploy.profile import Profile
+
+GIB = 1024**3
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Bytes per weight of a quantized linear layer (scales add well under 1%).
+QUANT_BYTES = {"fp8": 1.0, "awq": 0.5, "gptq": 0.5, "int4": 0.5, "int8": 1.0}
+KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+# Activations, CUDA graphs, NCCL buffers per GPU: vLLM profiles these at start; 2 GiB is a
+# typical figure for these model sizes with chunked prefill at 8k batched tokens.
+DEFAULT_OVERHEAD_GIB = 2.0
+
+
+@dataclass(frozen=True)
+class GpuType:
+    name: str
+    memory_gib: float
+
+
+def load_gpu_types(path: Path = CONFIGS_DIR / "gpus.yaml") -> dict[str, GpuType]:
+    data = yaml.safe_load(path.read_text())
+    return {name: GpuType(name, float(spec["memory_gib"])) for name, spec in data.items()}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory planning needs from config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    dtype: str
+    quant_method: str | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        quant = (config.get("quantization_config") or {}).get("quant_method")
+        model_type = config.get("model_type", "")
+        return cls(
+            layers=int(config["num_hidden_layers"]),
+            hidden=hidden,
+            intermediate=int(config["intermediate_size"]),
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads", heads)),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab=int(config["vocab_size"]),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
+            quant_method=quant,
+        )
+
+    def linear_params(self) -> int:
+        """Parameters in the decoder layers' linear projections (what quantization shrinks)."""
+        q = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        attention = self.hidden * (q + 2 * kv) + q * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return self.layers * (attention + mlp)
+
+    def other_params(self) -> int:
+        """Embeddings, LM head, norms and biases: kept in the model dtype by FP8 checkpoints."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        norms = self.layers * 2 * self.hidden + self.hidden
+        if self.qk_norm:
+            norms += self.layers * 2 * self.head_dim
+        bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return embeddings + norms + bias
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: str
+    gpu: GpuType
+    gpus: int
+    tensor: int
+    pipeline: int
+    params: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_token_per_gpu: int
+    weight_bytes_per_gpu: int
+    usable_bytes_per_gpu: int
+    kv_space_per_gpu: int
+    max_model_len: int
+    overhead_gib: float
+
+    @property
+    def kv_tokens(self) -> int:
+        return max(0, self.kv_space_per_gpu) // self.kv_bytes_per_token_per_gpu
+
+    @property
+    def full_sequences(self) -> float:
+        return self.kv_tokens / self.max_model_len
+
+    @property
+    def fits(self) -> bool:
+        return self.full_sequences >= 1.0
+
+
+def read_shape(profile: Profile) -> ModelShape:
+    config_dir = profile.config_dir
+    if config_dir is None or not (config_dir / "config.json").is_file():
+        raise DeployError(f"{profile.name}: no config.json at {config_dir}; set offline_config in the profile")
+    return ModelShape.from_config(json.loads((config_dir / "config.json").read_text()))
+
+
+def plan(
+    profile: Profile, gpu: GpuType, gpus: int, tensor: int | None = None,
+    overhead_gib: float = DEFAULT_OVERHEAD_GIB,
+) -> Plan:
+    shape = read_shape(profile)
+    tensor = tensor or max(1, gpus // profile.parallelism.pipeline)
+    pipeline = max(1, gpus // tensor)
+    dtype = profile.dtype if profile.dtype != "auto" else shape.dtype
+    dtype_bytes = DTYPE_BYTES.get(dtype, 2)
+    quant = profile.quantization or shape.quant_method
+    linear_bytes = QUANT_BYTES.get(quant, dtype_bytes) if quant else dtype_bytes
+    weight_bytes = int(shape.linear_params() * linear_bytes + shape.other_params() * dtype_bytes)
+    kv_elem = KV_DTYPE_BYTES.get(profile.kv_cache_dtype, dtype_bytes)
+    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * kv_elem
+    # KV heads split across tensor ranks (replicated when there are fewer heads than ranks);
+    # layers split across pipeline stages.
+    kv_heads_per_gpu = max(1, shape.kv_heads // tensor)
+    layers_per_gpu = -(-shape.layers // pipeline)
+    kv_per_token_per_gpu = 2 * layers_per_gpu * kv_heads_per_gpu * shape.head_dim * kv_elem
+    usable = int(gpu.memory_gib * GIB * profile.gpu_memory_utilization)
+    weight_per_gpu = weight_bytes // (tensor * pipeline)
+    kv_space = usable - weight_per_gpu - int(overhead_gib * GIB)
+    return Plan(
+        profile=profile.name, gpu=gpu, gpus=tensor * pipeline, tensor=tensor, pipeline=pipeline,
+        params=shape.linear_params() + shape.other_params(), weight_bytes=weight_bytes,
+        kv_bytes_per_token=kv_per_token, kv_bytes_per_token_per_gpu=kv_per_token_per_gpu,
+        weight_bytes_per_gpu=weight_per_gpu, usable_bytes_per_gpu=usable, kv_space_per_gpu=kv_space,
+        max_model_len=profile.max_model_len, overhead_gib=overhead_gib,
+    )
+
+
+def smallest_fit(profile: Profile, gpu: GpuType, limit: int = 64) -> Plan | None:
+    """The fewest GPUs (tensor parallel, sizes vLLM accepts: dividing the head count) that fit."""
+    heads = read_shape(profile).heads
+    for n in range(1, limit + 1):
+        if heads % n == 0:
+            candidate = plan(profile, gpu, n, tensor=n)
+            if candidate.fits:
+                return candidate
+    return None
+
+
+def format_plan(p: Plan, smallest: Plan | None) -> str:
+    def gib(value: int) -> str:
+        return f"{value / GIB:,.1f} GiB"
+
+    lines = [
+        f"profile            {p.profile}",
+        f"gpus               {p.gpus} x {p.gpu.name} ({p.gpu.memory_gib} GiB), tensor {p.tensor} x pipeline {p.pipeline}",
+        f"parameters         {p.params / 1e9:,.2f} B",
+        f"weights            {gib(p.weight_bytes)} total, {gib(p.weight_bytes_per_gpu)} per GPU",
+        f"kv cache / token   {p.kv_bytes_per_token / 1024:,.0f} KiB total, "
+        f"{p.kv_bytes_per_token_per_gpu / 1024:,.0f} KiB per GPU",
+        f"usable per GPU     {gib(p.usable_bytes_per_gpu)} ({p.gpu.memory_gib} GiB x gpu_memory_utilization)",
+        f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights - {p.overhead_gib} GiB "
+        "activations/graphs estimate)",
+        f"kv capacity        {p.kv_tokens:,} tokens = {p.full_sequences:.2f} sequences of {p.max_model_len:,}",
+    ]
+    if p.fits:
+        lines.append(f"verdict            fits: {int(p.full_sequences)} full-length sequence(s) at once")
+    else:
+        fix = (
+            f"the smallest that fits is {smallest.gpus} x {p.gpu.name} (tensor parallel {smallest.tensor})"
+            if smallest else f"no count of {p.gpu.name} up to 64 fits; lower max_model_len or use fp8"
+        )
+        lines.append(f"verdict            DOES NOT FIT one {p.max_model_len:,}-token sequence: {fix}")
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""Model profiles: one YAML file per deployable model, parsed once into typed objects.
+
+Every other component (launcher, proxy, chart, benchmarks) reads a `Profile`, never the raw
+YAML. Unknown keys are errors: a typo in a profile must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deploy.errors import ProfileError
+from deploy.paths import CONFIGS_DIR, MODELS_DIR, REPO_ROOT
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RopeScaling(Strict):
+    """Static YaRN: vLLM applies the factor whatever the input length."""
+
+    type: Literal["yarn"] = Field(description="RoPE scaling method; vLLM supports static YaRN.")
+    factor: float = Field(gt=1.0, description="Context extension factor, e.g. 4.0.")
+    original_max_position_embeddings: int = Field(gt=0, description="Context the model was trained on.")
+    rope_theta: float = Field(
+        gt=0,
+        description="The model's RoPE base. Required: vLLM replaces the whole rope dict, so an "
+        "override without it silently drops the model's theta. `deploy check` compares it "
+        "with config.json.",
+    )
+
+    @property
+    def scaled_length(self) -> int:
+        return int(self.factor * self.original_max_position_embeddings)
+
+
+class Parallelism(Strict):
+    tensor: int = Field(default=1, ge=1, description="Tensor parallel size (GPUs per model replica stage).")
+    pipeline: int = Field(default=1, ge=1, description="Pipeline parallel size (stages, usually one per node).")
+    executor: Literal["mp", "ray"] = Field(
+        default="mp", description="vLLM distributed executor: mp (one node) or ray (one or more nodes)."
+    )
+    gpus_per_node: int | None = Field(
+        default=None, ge=1, description="GPUs on each node; defaults to tensor x pipeline (one node)."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline
+
+    @model_validator(mode="after")
+    def _fits_nodes(self) -> Parallelism:
+        per_node = self.gpus_per_node or self.world_size
+        if self.executor == "mp" and self.world_size > per_node:
+            raise ValueError(
+                f"tensor x pipeline = {self.world_size} GPUs but gpus_per_node = {per_node}: "
+                "the mp executor runs on one node; use executor: ray to span nodes"
+            )
+        return self
+
+
+class SamplingDefaults(Strict):
+    """Request fields the proxy fills in when the client did not send them."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1, description="Used when the client sends none.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Merged key by key with the client's chat_template_kwargs."
+    )
+
+    def as_request_fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class Sampling(Strict):
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    max_tokens_cap: int | None = Field(
+        default=None, ge=1, description="Requests asking for more output tokens are capped to this."
+    )
+    greedy: Literal["allow", "warn", "reject"] = Field(
+        default="allow",
+        description="What to do with temperature 0 (greedy), which makes Qwen reasoning models repeat.",
+    )
+
+
+class Alias(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    sampling: Sampling | None = Field(default=None, description="A preset for this alias (replaces the profile's).")
+
+
+class Profile(Strict):
+    """One deployable model: the single source of truth for engine args and serving defaults."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Profile name; equals the file name without .yaml.")
+    description: str = ""
+    model: str = Field(min_length=1, description="Hugging Face hub id or a local directory (relative to the repo).")
+    served_model_name: str = Field(pattern=NAME_PATTERN, description="The model name clients send.")
+    aliases: list[Alias | str] = Field(default_factory=list)
+    offline_config: str | None = Field(
+        default=None,
+        description="Directory under configs/ holding the model's config.json, for validating "
+        "and planning without the weights.",
+    )
+    generator: Literal["tiny-qwen3"] | None = Field(
+        default=None, description="The model is generated locally by `python -m deploy tiny-model`."
+    )
+    device: Literal["cuda", "cpu"] = "cuda"
+    port: int = Field(default=8100, ge=1, le=65535)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int = Field(gt=0)
+    rope_scaling: RopeScaling | None = None
+    quantization: str | None = Field(default=None, description="None: vLLM detects it from config.json.")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for the vLLM process.")
+    engine_args: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict,
+        description="Any other vLLM flag, without the leading dashes. true -> bare flag, "
+        "false/null -> omitted.",
+    )
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _flag_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", key):
+                raise ValueError(f"engine_args key {key!r} must be a vLLM flag name like 'max-logprobs'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        if self.rope_scaling and self.max_model_len > self.rope_scaling.scaled_length:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds what rope_scaling gives "
+                f"({self.rope_scaling.factor} x {self.rope_scaling.original_max_position_embeddings} "
+                f"= {self.rope_scaling.scaled_length})"
+            )
+        names = [self.served_model_name, *self.alias_names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served_model_name and aliases repeat a name: {names}")
+        return self
+
+    @property
+    def alias_names(self) -> list[str]:
+        return [a if isinstance(a, str) else a.name for a in self.aliases]
+
+    def sampling_for(self, name: str) -> Sampling:
+        """The sampling preset for a served name or alias."""
+        for alias in self.aliases:
+            if isinstance(alias, Alias) and alias.name == name and alias.sampling is not None:
+                return alias.sampling
+        return self.sampling
+
+    @property
+    def model_path(self) -> Path | None:
+        """The local model directory, or None for a hub id."""
+        if self.generator or self.model.startswith((".", "/")):
+            return (REPO_ROOT / self.model).resolve()
+        return None
+
+    @property
+    def config_dir(self) -> Path | None:
+        """Where this model's config.json is, without downloading anything."""
+        if self.model_path is not None:
+            return self.model_path
+        if self.offline_config:
+            return (CONFIGS_DIR / self.offline_config).resolve()
+        return None
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("str", "Alias") or item.startswith(("function-", "literal[")):
+            continue  # union branch names pydantic adds to locations
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(top level)"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = _format_location(tuple(error["loc"]))
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; see configs/models/README.md for the keys)"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    return f"{loc}: {message}{shown}"
+
+
+def parse_profile(data: Any, source: str) -> Profile:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        reasons = "; ".join(_describe(e) for e in exc.errors())  # type: ignore[arg-type]
+        raise ProfileError(f"{source}: {reasons}") from None
+
+
+def profile_path(name: str) -> Path:
+    return MODELS_DIR / f"{name}.yaml"
+
+
+def known_profiles() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to raw profile data."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ProfileError(f"--set {item!r}: expected dotted.key=value, e.g. max_model_len=32768")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ProfileError(f"{source}: --set {key}: {part!r} is not a mapping")
+            target = child
+        target[parts[-1]] = value
+    return data
+
+
+def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -> Profile:
+    """Load a profile by name (configs/models/<name>.yaml) or by file path, with --set overrides."""
+    text_name = str(name_or_path)
+    path = Path(text_name) if text_name.endswith((".yaml", ".yml")) else profile_path(text_name)
+    if not path.is_file():
+        raise ProfileError(
+            f"unknown profile {text_name!r}: no file {path}. Known profiles: {', '.join(known_profiles())}"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    shown = path.resolve()
+    if shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
+    source = str(shown) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides, source)
+    profile = parse_profile(data, source)
+    if profile.name != path.stem:
+        raise ProfileError(f"{shown}: name: {profile.name!r} must equal the file name {path.stem!r}")
+    return profile
+
+
+def load_all() -> list[Profile]:
+    return [load_profile(name) for name in known_profiles()]

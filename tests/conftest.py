@@ -1,0 +1,99 @@
+"""Shared fixtures: ONE real vLLM server (tiny model, CPU) per test session, started through
+the launcher exactly as a user would (`python -m deploy serve tiny-qwen3`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from deploy.paths import GENERATED_MODELS_DIR, REPO_ROOT
+from deploy.profile import Profile, load_profile
+
+STARTUP_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2) -> None:  # type: ignore[no-untyped-def]
+    """Poll a condition with a deadline (never a bare sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class RunningServer:
+    profile: Profile
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.base_url}/metrics"
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from deploy.tiny_model import generate
+
+    return generate(GENERATED_MODELS_DIR / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port)],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+        )
+    server = RunningServer(load_profile("tiny-qwen3"), port, process, log_path)
+    try:
+        wait_until(
+            lambda: http_ok(f"{server.base_url}/health") or process.poll() is not None,
+            STARTUP_TIMEOUT, "vLLM /health",
+        )
+        if process.poll() is not None:
+            raise RuntimeError(f"the launcher exited with {process.returncode}:\n{server.log_tail()}")
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
