@@ -92,6 +92,12 @@ test: install tiny-model ## Run every test: unit, vLLM validation, end-to-end (w
 	@echo ">> running all tests"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: lint
+lint: install ## Ruff and mypy (strict) over the Python packages
+	$(PY) -m pip install -q -e ".[test,lint]"
+	$(PY) -m ruff check deploy serving benchmarks tests
+	$(PY) -m mypy deploy serving benchmarks
+
 .PHONY: test-unit
 test-unit: install ## Fast inner loop: tests that start no server
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)

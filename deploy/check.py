@@ -45,7 +45,7 @@ class Effective:
 def _first_reason(exc: BaseException) -> str:
     """vLLM's own reason, without pydantic's wrapping and help links."""
     text = str(exc)
-    match = re.search(r"Value error, (.*?)(?: \[type=|$)", text, flags=re.S)
+    match = re.search(r"Value error, (.*?)(?: \[type=|$)", text, flags=re.DOTALL)
     reason = match.group(1) if match else text.strip().splitlines()[-1] if text.strip() else repr(exc)
     return " ".join(reason.split())
 
@@ -110,7 +110,7 @@ def check_profile(profile: Profile) -> Effective:
     engine = AsyncEngineArgs.from_cli_args(namespace)
     try:
         model_config = engine.create_model_config()
-    except Exception as exc:  # vLLM raises pydantic, value and type errors here
+    except Exception as exc:  # noqa: BLE001 - vLLM raises pydantic, value, type and OS errors here
         raise CheckError(f"{profile.name}: vLLM refused the model config: {_first_reason(exc)}") from None
 
     hf = model_config.hf_text_config

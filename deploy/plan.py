@@ -184,11 +184,11 @@ def format_plan(p: Plan, smallest: Plan | None) -> str:
         f"gpus               {p.gpus} x {p.gpu.name} ({p.gpu.memory_gib} GiB), tensor {p.tensor} x pipeline {p.pipeline}",
         f"parameters         {p.params / 1e9:,.2f} B",
         f"weights            {gib(p.weight_bytes)} total, {gib(p.weight_bytes_per_gpu)} per GPU",
-        f"kv cache / token   {p.kv_bytes_per_token / 1024:,.0f} KiB total, "
-        f"{p.kv_bytes_per_token_per_gpu / 1024:,.0f} KiB per GPU",
+        (f"kv cache / token   {p.kv_bytes_per_token / 1024:,.0f} KiB total, "
+         f"{p.kv_bytes_per_token_per_gpu / 1024:,.0f} KiB per GPU"),
         f"usable per GPU     {gib(p.usable_bytes_per_gpu)} ({p.gpu.memory_gib} GiB x gpu_memory_utilization)",
-        f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights - {p.overhead_gib} GiB "
-        "activations/graphs estimate)",
+        (f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights - {p.overhead_gib} GiB "
+         "activations/graphs estimate)"),
         f"kv capacity        {p.kv_tokens:,} tokens = {p.full_sequences:.2f} sequences of {p.max_model_len:,}",
     ]
     if p.fits:

@@ -38,19 +38,23 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Words the tokenizer is trained on: in code, so the tokenizer never changes.
+CORPUS_WORDS = (
+    "the a of to and in is it you that he was for on are with as his they be at one have this "
+    "from or had by word but what some we can out other were all there when up use your how "
+    "said an each she which do their time if will way about many then them write would like so "
+    "these model token serve request stream latency throughput reason answer think step number "
+    "please qwen vllm gpu cache context prompt output input user assistant system tool call "
+    "function "
+)
+
 VOCAB_SIZE = 2048
 SEED = 1234
 
 
 def _corpus() -> list[str]:
     """Training text for the tokenizer, built in code so the result never changes."""
-    words = (
-        "the a of to and in is it you that he was for on are with as his they be at one have this "
-        "from or had by word but what some we can out other were all there when up use your how said "
-        "an each she which do their time if will way about many then them write would like so these "
-        "model token serve request stream latency throughput reason answer think step number please "
-        "qwen vllm gpu cache context prompt output input user assistant system tool call function"
-    ).split()
+    words = CORPUS_WORDS.split()
     lines = []
     for i in range(4000):
         picked = [words[(i * 7 + j * 13) % len(words)] for j in range(12)]
@@ -96,14 +100,14 @@ def build_model(out: Path, vocab_size: int) -> None:
         num_key_value_heads=1,
         head_dim=64,  # the CPU attention backend rejects head_dim 16
         max_position_embeddings=4096,
-        rope_theta=1_000_000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out, safe_serialization=True)
 
 

@@ -61,7 +61,7 @@ def test_unknown_reasoning_parser() -> None:
 def test_cli_check_all() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "deploy", "check", "--all", "--json"], cwd=REPO_ROOT,
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stderr
     by_name = {item["profile"]: item for item in json.loads(result.stdout)}
@@ -71,7 +71,7 @@ def test_cli_check_all() -> None:
 def test_cli_check_failure_is_one_line() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "deploy", "check", "qwen3-4b-thinking-fp8", "--set", "max_model_len=300000"],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

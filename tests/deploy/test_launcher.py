@@ -19,7 +19,7 @@ from tests.conftest import free_port, http_ok, wait_until
 
 def run_deploy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "deploy", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "deploy", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False,
         env={**os.environ, **(env or {})}, timeout=120,
     )
 
@@ -104,6 +104,6 @@ def test_supervisor_reports_a_child_that_dies_before_healthy() -> None:
         except LaunchError as exc:
             print(exc)
     """)
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=False,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60)
     assert "broken exited with status 3 before it was healthy" in result.stdout

@@ -110,7 +110,7 @@ def test_unknown_profile_lists_known() -> None:
 def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     path = write_profile(tmp_path, "typo", {"max_model_lenn": 1})
     result = subprocess.run(
-        [sys.executable, "-m", "deploy", "render", str(path)], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "deploy", "render", str(path)], cwd=REPO_ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 2
     assert result.stdout == ""
