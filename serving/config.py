@@ -1,0 +1,148 @@
+"""The proxy's configuration: configs/proxy.yaml (or --backend flags) parsed once, typed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deploy.profile import Profile, Sampling, load_profile
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
+class Timeouts(Strict):
+    connect_seconds: float = Field(default=5.0, gt=0, description="TCP connect to a backend.")
+    first_byte_seconds: float = Field(
+        default=600.0, gt=0, description="Until the first response byte: long for reasoning models' prefill."
+    )
+    idle_seconds: float = Field(default=120.0, gt=0, description="Longest silence between two streamed chunks.")
+
+
+class ModelEntry(Strict):
+    profile: str = Field(description="Profile name in configs/models; names, aliases and sampling come from it.")
+    backends: list[str] = Field(min_length=1, description="vLLM base URLs, e.g. http://127.0.0.1:8100")
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+    @field_validator("backends")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"backend {url!r} must be an http:// or https:// URL")
+        return [url.rstrip("/") for url in value]
+
+
+class Auth(Strict):
+    api_keys_env: str | None = Field(default=None, description="Environment variable with comma-separated keys.")
+    api_keys_file: str | None = Field(default=None, description="File with one key per line.")
+
+
+class Limits(Strict):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    requests_per_minute_per_key: int | None = Field(default=None, ge=1)
+
+
+class ProxyConfig(Strict):
+    listen: Listen = Field(default_factory=Listen)
+    models: list[ModelEntry] = Field(min_length=1)
+    auth: Auth = Field(default_factory=Auth)
+    limits: Limits = Field(default_factory=Limits)
+    drain_seconds: float = Field(default=30.0, ge=0)
+    health_interval_seconds: float = Field(default=2.0, gt=0)
+
+
+class ConfigError(Exception):
+    """A configuration the proxy cannot start with; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One client-visible model name: the profile behind it and the preset it uses."""
+
+    name: str
+    served_name: str
+    profile: Profile
+    sampling: Sampling
+    entry: ModelEntry
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in error["loc"])
+        msg = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def load_config(path: Path) -> ProxyConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from None
+
+
+def config_from_backends(specs: list[str], host: str, port: int) -> ProxyConfig:
+    """`--backend PROFILE=URL[,URL]` flags, for running without a file (make serve)."""
+    models = []
+    for spec in specs:
+        profile, sep, urls = spec.partition("=")
+        if not sep or not profile or not urls:
+            raise ConfigError(f"--backend {spec!r}: expected PROFILE=URL[,URL...]")
+        models.append({"profile": profile, "backends": urls.split(",")})
+    try:
+        return ProxyConfig.model_validate({"listen": {"host": host, "port": port}, "models": models})
+    except ValidationError as exc:
+        raise ConfigError(f"--backend: {_describe(exc)}") from None
+
+
+def build_routes(config: ProxyConfig) -> dict[str, Route]:
+    """Every client-visible name -> its route; names must be unique across models."""
+    routes: dict[str, Route] = {}
+    for index, entry in enumerate(config.models):
+        try:
+            profile = load_profile(entry.profile)
+        except Exception as exc:  # noqa: BLE001 - a profile error is reported with its config key
+            raise ConfigError(f"models[{index}].profile: {exc}") from None
+        for name in [profile.served_model_name, *profile.alias_names]:
+            if name in routes:
+                raise ConfigError(f"models[{index}]: model name {name!r} is already served by "
+                                  f"profile {routes[name].profile.name!r}")
+            routes[name] = Route(name, profile.served_model_name, profile, profile.sampling_for(name), entry)
+    return routes
+
+
+def load_api_keys(auth: Auth, environ: Mapping[str, str] = os.environ) -> list[bytes]:
+    keys: list[str] = []
+    if auth.api_keys_env:
+        value = environ.get(auth.api_keys_env)
+        if value is None:
+            raise ConfigError(f"auth.api_keys_env: environment variable {auth.api_keys_env} is not set")
+        keys += value.split(",")
+    if auth.api_keys_file:
+        try:
+            keys += Path(auth.api_keys_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"auth.api_keys_file: cannot read {auth.api_keys_file}: {exc.strerror}") from None
+    cleaned = [k.strip().encode() for k in keys if k.strip()]
+    if (auth.api_keys_env or auth.api_keys_file) and not cleaned:
+        raise ConfigError("auth: api keys are configured but none were found (empty variable or file)")
+    return cleaned

@@ -1,0 +1,50 @@
+"""The proxy's Prometheus metrics: own prefix, bounded labels (never user input), one registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "qwen_proxy"
+# LLM latencies: milliseconds for a cached prefill up to minutes for long reasoning.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300, 600)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600, 1200, 1800)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        p = PREFIX
+        self.requests = Counter(f"{p}_requests", "Requests answered, by model, route and status class",
+                                ["model", "route", "status_class"], registry=registry)
+        self.duration = Histogram(f"{p}_request_duration_seconds", "Request time until the last byte",
+                                  ["model", "route"], buckets=DURATION_BUCKETS, registry=registry)
+        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Time to the first streamed token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttfat = Histogram(f"{p}_time_to_first_answer_token_seconds",
+                               "Time to the first answer token (after any reasoning)",
+                               ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.itl = Histogram(f"{p}_inter_token_latency_seconds", "Gap between streamed token events",
+                             ["model"], buckets=TOKEN_GAP_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens (backend usage)", ["model"],
+                                     registry=registry)
+        self.completion_tokens = Counter(f"{p}_completion_tokens", "Completion tokens (backend usage)",
+                                         ["model"], registry=registry)
+        self.reasoning_tokens = Counter(f"{p}_reasoning_tokens", "Reasoning tokens (backend usage)",
+                                        ["model"], registry=registry)
+        self.in_flight = Gauge(f"{p}_requests_in_flight", "Requests being answered", ["model"],
+                               registry=registry)
+        self.upstream_errors = Counter(f"{p}_upstream_errors", "Backend failures by kind",
+                                       ["model", "kind"], registry=registry)
+        self.defaults_applied = Counter(f"{p}_defaults_applied", "Profile defaults filled into requests",
+                                        ["model", "field"], registry=registry)
+        self.greedy = Counter(f"{p}_greedy_requests", "Requests with temperature 0, by policy action",
+                              ["model", "action"], registry=registry)
+        self.backend_up = Gauge(f"{p}_backend_up", "1 when the backend's /health answers 200",
+                                ["model", "backend"], registry=registry)
+        self.rejected = Counter(f"{p}_rejected_requests", "Requests refused before reaching a backend",
+                                ["reason"], registry=registry)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"

@@ -1,0 +1,150 @@
+"""Per-response work on vLLM's output: SSE events forwarded as they arrive, touched only when needed.
+
+Most streamed events pass through as the same bytes. An event is changed only to add
+`reasoning_content` beside `reasoning` (the field DashScope/DeepSeek clients read), to name the
+alias the client asked for, or to drop the usage event the client did not ask for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from json.decoder import scanstring  # type: ignore[attr-defined]  # the C string scanner json uses
+from typing import Any
+
+from serving.metrics import Metrics
+
+EVENT_END = b"\n\n"
+DONE = b"data: [DONE]"
+REASONING_KEY = '"reasoning":"'
+USAGE_MARK = b'"usage":{'
+EMPTY_CHOICES = b'"choices":[]'
+
+
+def add_reasoning_content(event: bytes) -> bytes:
+    """Copy the JSON string after `"reasoning":` into a `reasoning_content` key, byte for byte."""
+    text = event.decode()
+    out: list[str] = []
+    start = 0
+    while (found := text.find(REASONING_KEY, start)) != -1:
+        value_start = found + len(REASONING_KEY) - 1  # at the opening quote
+        _, value_end = scanstring(text, value_start + 1)
+        out.append(text[start:value_end])
+        out.append(',"reasoning_content":' + text[value_start:value_end])
+        start = value_end
+    out.append(text[start:])
+    return "".join(out).encode()
+
+
+class Usage:
+    __slots__ = ("completion", "prompt", "reasoning")
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = self.reasoning = 0
+
+    def read(self, usage: dict[str, Any] | None) -> None:
+        if not usage:
+            return
+        self.prompt = int(usage.get("prompt_tokens") or 0)
+        self.completion = int(usage.get("completion_tokens") or 0)
+        details = usage.get("completion_tokens_details") or {}
+        self.reasoning = int(details.get("reasoning_tokens") or 0)
+
+    def record(self, metrics: Metrics, model: str) -> None:
+        if self.prompt:
+            metrics.prompt_tokens.labels(model).inc(self.prompt)
+        if self.completion:
+            metrics.completion_tokens.labels(model).inc(self.completion)
+        if self.reasoning:
+            metrics.reasoning_tokens.labels(model).inc(self.reasoning)
+
+
+class StreamRelay:
+    """Turns upstream SSE bytes into client SSE bytes, timing tokens on the way."""
+
+    __slots__ = ("_answer_marks", "_first_answer", "_itl", "_last_token", "_pending", "_rewrite",
+                 "_ttfat", "_ttft", "drop_usage", "saw_done", "start", "usage")
+
+    def __init__(self, metrics: Metrics, model: str, start: float, drop_usage: bool,
+                 rewrite: tuple[bytes, bytes] | None, completions: bool) -> None:
+        self.start = start
+        self.drop_usage = drop_usage
+        self.usage = Usage()
+        self.saw_done = False
+        self._rewrite = rewrite
+        self._pending = b""
+        self._last_token: float | None = None
+        self._first_answer = False
+        self._ttft = metrics.ttft.labels(model)
+        self._ttfat = metrics.ttfat.labels(model)
+        self._itl = metrics.itl.labels(model)
+        self._answer_marks = (b'"text":"',) if completions else (b'"content":"', b'"tool_calls":[')
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes to send now for the bytes just read (events are never split or merged further)."""
+        if self._pending:
+            data = self._pending + data
+        end = data.rfind(EVENT_END)
+        if end == -1:
+            self._pending = data
+            return b""
+        self._pending = data[end + 2:]
+        complete = data[: end + 2]
+        events = complete.split(EVENT_END)
+        events.pop()  # the empty tail after the last separator
+        if len(events) == 1:
+            out = self._event(events[0])
+            return out + EVENT_END if out is not None else b""
+        kept = [e for e in map(self._event, events) if e is not None]
+        return b"".join(e + EVENT_END for e in kept)
+
+    def _event(self, event: bytes) -> bytes | None:
+        if event.startswith(DONE):
+            self.saw_done = True
+            return event
+        if USAGE_MARK in event and EMPTY_CHOICES in event:
+            self.usage.read(json.loads(event[6:]).get("usage"))
+            if self.drop_usage:
+                return None
+        else:
+            self._time_tokens(event)
+            if b'"reasoning":"' in event:
+                event = add_reasoning_content(event)
+        if self._rewrite is not None:
+            event = event.replace(*self._rewrite)
+        return event
+
+    def _time_tokens(self, event: bytes) -> None:
+        answer = any(mark in event and mark + b'"' not in event for mark in self._answer_marks)
+        if not answer and b'"reasoning":"' not in event:
+            return
+        now = time.perf_counter()
+        if self._last_token is None:
+            self._ttft.observe(now - self.start)
+        else:
+            self._itl.observe(now - self._last_token)
+        self._last_token = now
+        if answer and not self._first_answer:
+            self._first_answer = True
+            self._ttfat.observe(now - self.start)
+
+    def leftover(self) -> bytes:
+        """An unterminated last event, forwarded as is rather than lost."""
+        pending, self._pending = self._pending, b""
+        return pending
+
+
+def rewrite_json_response(payload: bytes, served: str, asked: str, usage: Usage) -> bytes:
+    """A non-streamed response: read usage; add reasoning_content and the asked name when needed."""
+    data = json.loads(payload)
+    usage.read(data.get("usage"))
+    changed = False
+    for choice in data.get("choices") or []:
+        message = choice.get("message")
+        if isinstance(message, dict) and message.get("reasoning") is not None and "reasoning_content" not in message:
+            message["reasoning_content"] = message["reasoning"]
+            changed = True
+    if asked != served and data.get("model") == served:
+        data["model"] = asked
+        changed = True
+    return json.dumps(data, separators=(",", ":")).encode() if changed else payload

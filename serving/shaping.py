@@ -1,0 +1,136 @@
+"""Shape a client request for vLLM: profile defaults, greedy policy, caps, Qwen-client fields.
+
+An explicit client value always wins (0 included); defaults fill only what the client did not
+send. Fields the stack cannot honour are refused with a 400 that says so, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from deploy.profile import Sampling
+from serving.errors import ApiError
+
+NUMBER = (int, float)
+
+
+@dataclass
+class Shaped:
+    body: dict[str, Any]
+    stream: bool
+    client_wants_usage: bool
+    applied: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    greedy_action: str | None = None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, NUMBER) and not isinstance(value, bool)
+
+
+def _expect(body: dict[str, Any], name: str, kind: str) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    ok = {
+        "bool": isinstance(value, bool),
+        "number": _is_number(value),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "object": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ApiError(400, f"'{name}' must be {article} {kind}, got {type(value).__name__}", param=name)
+
+
+def _qwen_compat(body: dict[str, Any]) -> None:
+    """Fields Qwen-hosting APIs accept: honour what we can, refuse what we cannot."""
+    if body.get("enable_search"):
+        raise ApiError(400, "'enable_search' is not supported: this deployment has no web search",
+                       param="enable_search")
+    if body.get("incremental_output") is False:
+        raise ApiError(400, "'incremental_output': false is not supported: streams carry deltas only",
+                       param="incremental_output")
+    if body.get("result_format") not in (None, "message"):
+        raise ApiError(400, "'result_format' must be 'message' (OpenAI chat format) if given",
+                       param="result_format")
+    for honoured_by_default in ("enable_search", "incremental_output", "result_format"):
+        body.pop(honoured_by_default, None)
+
+    stop = body.get("stop")
+    if isinstance(stop, list) and stop and all(isinstance(s, (int, list)) and not isinstance(s, bool) for s in stop):
+        ids: list[int] = []
+        for item in stop:
+            if isinstance(item, int):
+                ids.append(item)
+            elif len(item) == 1 and isinstance(item[0], int) and not isinstance(item[0], bool):
+                ids.append(item[0])
+            else:
+                raise ApiError(400, "'stop' as token ids: each entry must be one token id; send "
+                               "multi-token stop sequences as strings", param="stop")
+        body.pop("stop")
+        existing = body.get("stop_token_ids") or []
+        if not isinstance(existing, list):
+            raise ApiError(400, "'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+        body["stop_token_ids"] = [*existing, *ids]
+
+
+def shape(body: dict[str, Any], sampling: Sampling, chat: bool) -> Shaped:
+    for name, kind in (("stream", "bool"), ("temperature", "number"), ("max_tokens", "int"),
+                       ("max_completion_tokens", "int"), ("chat_template_kwargs", "object"),
+                       ("stream_options", "object"), ("enable_thinking", "bool")):
+        _expect(body, name, kind)
+    _qwen_compat(body)
+    applied: list[str] = []
+    warnings: list[str] = []
+
+    if chat and "enable_thinking" in body:
+        thinking = body.pop("enable_thinking")
+        kwargs = dict(body.get("chat_template_kwargs") or {})
+        kwargs.setdefault("enable_thinking", thinking)
+        body["chat_template_kwargs"] = kwargs
+
+    defaults = sampling.defaults.as_request_fields()
+    template_defaults = defaults.pop("chat_template_kwargs", None)
+    max_tokens = defaults.pop("max_tokens", None)
+    for name, value in defaults.items():
+        if body.get(name) is None:
+            body[name] = value
+            applied.append(name)
+    if max_tokens is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = max_tokens
+        applied.append("max_tokens")
+    if chat and template_defaults:
+        client_kwargs = body.get("chat_template_kwargs") or {}
+        missing = {k: v for k, v in template_defaults.items() if k not in client_kwargs}
+        if missing:
+            body["chat_template_kwargs"] = {**missing, **client_kwargs}
+            applied.append("chat_template_kwargs")
+
+    cap = sampling.max_tokens_cap
+    if cap is not None:
+        for name in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(name), int) and body[name] > cap:
+                warnings.append(f"{name} {body[name]} capped to {cap}")
+                body[name] = cap
+
+    greedy_action = None
+    if body.get("temperature") == 0:
+        policy = sampling.greedy
+        if policy == "reject":
+            raise ApiError(400, "temperature 0 (greedy decoding) is refused for this model: it makes Qwen "
+                           "reasoning models repeat endlessly; use the default (omit temperature) or "
+                           "temperature >= 0.1", param="temperature", code="greedy_decoding_refused")
+        greedy_action = "allowed" if policy == "allow" else "warned"
+        if policy == "warn":
+            warnings.append("temperature 0 (greedy decoding) can make Qwen models repeat endlessly")
+
+    stream = bool(body.get("stream"))
+    client_wants_usage = False
+    if stream:
+        options = dict(body.get("stream_options") or {})
+        client_wants_usage = options.get("include_usage") is True
+        options["include_usage"] = True  # the proxy counts tokens from the backend's usage
+        body["stream_options"] = options
+    return Shaped(body, stream, client_wants_usage, applied, warnings, greedy_action)
