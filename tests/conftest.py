@@ -76,8 +76,10 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     with log_path.open("wb") as log:
+        # Request logging lets tests prove what sampling parameters reached vLLM.
         process = subprocess.Popen(
-            [sys.executable, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port)],
+            [sys.executable, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port),
+             "--set", "engine_args={enable-log-requests: true}"],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
         )
     server = RunningServer(load_profile("tiny-qwen3"), port, process, log_path)
@@ -97,3 +99,66 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@dataclass
+class Service:
+    """A server process the tests started (the proxy, a scripted upstream)."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_service(argv: list[str], port: int, ready_path: str, log_dir: Path, timeout: float = 60) -> Service:
+    """Start a server process and wait until `ready_path` answers 200 (or fail with its log)."""
+    log_path = log_dir / f"service-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    service = Service(process, port, log_path)
+    try:
+        wait_until(lambda: http_ok(service.base_url + ready_path) or process.poll() is not None, timeout,
+                   f"{argv[2]} on port {port}")
+    except TimeoutError:
+        service.stop(signal.SIGKILL)
+        raise
+    if process.poll() is not None:
+        raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}:\n{service.log()}")
+    return service
+
+
+def start_proxy(args: list[str], log_dir: Path, port: int | None = None, ready_path: str = "/ready") -> Service:
+    """`ready_path="/health"` for a proxy whose backends are meant to be down."""
+    port = port or free_port()
+    return start_service([sys.executable, "-m", "serving", *args, "--port", str(port)], port, ready_path, log_dir)
+
+
+def start_scripted_upstream(log_dir: Path, port: int | None = None, delay_ms: float = 0) -> Service:
+    port = port or free_port()
+    argv = [sys.executable, "-m", "benchmarks.scripted_upstream", "--port", str(port), "--delay-ms", str(delay_ms)]
+    return start_service(argv, port, "/health", log_dir)
+
+
+@pytest.fixture(scope="session")
+def proxy_server(vllm_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The proxy in front of the session's vLLM, as `make serve` runs it."""
+    service = start_proxy(["--backend", f"tiny-qwen3={vllm_server.base_url}"], tmp_path_factory.mktemp("proxy"))
+    yield service
+    service.stop()

@@ -1,0 +1,137 @@
+"""A scripted OpenAI-compatible upstream for what a real vLLM cannot do on demand.
+
+It streams vLLM-shaped chat/completion chunks as fast as asked (measuring a proxy's own
+overhead), and misbehaves on request through a `script` field in the request body (which a
+proxy forwards like any other field), comma-separated:
+
+  "script": "die-after=N"        close the connection after N token events (a backend crash)
+  "script": "first-byte-delay=S" wait S seconds before the response starts (a slow prefill)
+  "script": "stall-after=N"      stop sending after N token events, keep the connection open
+  "script": "reasoning=N"        the first N token events are reasoning deltas
+
+`python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0]`; GET /stats returns counters
+(requests, disconnects seen) so tests can prove the proxy closed the upstream request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+MODEL = "tiny-qwen3"
+
+
+def _chunk(index: int, text: str, reasoning: bool, chat: bool, finish: str | None = None) -> bytes:
+    if chat:
+        delta = {"reasoning": text} if reasoning else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        body = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+                "choices": [choice]}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        body = {"id": "cmpl-scripted", "object": "text_completion", "created": 0, "model": MODEL,
+                "choices": [choice]}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Upstream:
+    def __init__(self, delay_ms: float) -> None:
+        self.delay = delay_ms / 1000.0
+        self.requests = 0
+        self.disconnects = 0
+        self.in_flight = 0
+        self.healthy = True
+
+    @staticmethod
+    def script(body: dict[str, object]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part in str(body.get("script") or "").split(","):
+            key, _, value = part.strip().partition("=")
+            if key:
+                out[key] = float(value or 0)
+        return out
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def stats(self, _request: web.Request) -> web.Response:
+        return web.json_response({"requests": self.requests, "disconnects": self.disconnects,
+                                  "in_flight": self.in_flight})
+
+    async def set_health(self, request: web.Request) -> web.Response:
+        self.healthy = request.query.get("healthy", "1") == "1"
+        return web.Response(status=200)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        chat = request.path.endswith("/chat/completions")
+        body = await request.json()
+        script = self.script(body)
+        tokens = int(body.get("max_tokens") or 16)
+        self.requests += 1
+        self.in_flight += 1
+        try:
+            if "first-byte-delay" in script:
+                await asyncio.sleep(script["first-byte-delay"])
+            usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
+            if not body.get("stream"):
+                message = {"role": "assistant", "content": " tok" * tokens, "reasoning": None}
+                payload = {"id": "chatcmpl-scripted", "object": "chat.completion", "model": MODEL,
+                           "choices": [{"index": 0, "message": message, "finish_reason": "length"}],
+                           "usage": usage}
+                return web.json_response(payload)
+            response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+            await response.prepare(request)
+            reasoning = int(script.get("reasoning", 0))
+            for i in range(tokens):
+                if "die-after" in script and i >= script["die-after"]:
+                    assert request.transport is not None
+                    request.transport.abort()  # the backend process "crashes" mid-stream
+                    return response
+                if "stall-after" in script and i >= script["stall-after"]:
+                    await asyncio.sleep(3600)
+                finish = "length" if i == tokens - 1 else None
+                await response.write(_chunk(i, " tok", i < reasoning, chat, finish))
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                final = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0,
+                         "model": MODEL, "choices": [], "usage": usage}
+                await response.write(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+
+def make_app(delay_ms: float = 0.0) -> web.Application:
+    upstream = Upstream(delay_ms)
+    app = web.Application()
+    app.router.add_get("/health", upstream.health)
+    app.router.add_get("/stats", upstream.stats)
+    app.router.add_post("/admin/health", upstream.set_health)
+    app.router.add_post("/v1/chat/completions", upstream.generate)
+    app.router.add_post("/v1/completions", upstream.generate)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scripted_upstream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="pause between token events")
+    args = parser.parse_args()
+    print(f"scripted upstream on http://{args.host}:{args.port} ({time.strftime('%H:%M:%S')})", flush=True)
+    web.run_app(make_app(args.delay_ms), host=args.host, port=args.port, print=None, handler_cancellation=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Failures: backends dying, slow or stalled; clients leaving; retries; graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, Service, http_ok, start_scripted_upstream, wait_until
+
+pytestmark = pytest.mark.e2e
+
+MESSAGES = [{"role": "user", "content": "x"}]
+
+
+def stats(backend: Service) -> dict[str, int]:
+    return httpx.get(f"{backend.base_url}/stats", timeout=5).json()  # type: ignore[no-any-return]
+
+
+def metric(service: Service, sample: str) -> float:
+    for line in httpx.get(f"{service.base_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def vllm_running(vllm: RunningServer) -> float:
+    for line in httpx.get(vllm.metrics_url, timeout=5).text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.split()[-1])
+    raise AssertionError("vllm:num_requests_running not found")
+
+
+def single(proxy: Callable[..., Service], backend: Service, **timeouts: float) -> Service:
+    entry: dict[str, object] = {"profile": "tiny-qwen3", "backends": [backend.base_url]}
+    if timeouts:
+        entry["timeouts"] = timeouts
+    return proxy({"models": [entry], "health_interval_seconds": 0.5, "drain_seconds": 20})
+
+
+# ---- client disconnects abort the backend request ----------------------------------------------
+
+async def _leave_after(url: str, body: dict[str, object], condition: Callable[[], bool], stream: bool) -> None:
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(timeout=60) as client:
+        if stream:
+            async with client.stream("POST", url, json=body) as response:
+                async for _ in response.aiter_lines():
+                    if condition():
+                        return  # leaving the block closes the connection mid-stream
+        else:
+            task = asyncio.create_task(client.post(url, json=body))
+            while not condition():
+                assert time.monotonic() < deadline, "the request never started running"
+                await asyncio.sleep(0.02)
+            task.cancel()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "non-streaming"])
+def test_client_leaving_aborts_vllm(proxy_server: Service, vllm_server: RunningServer, stream: bool) -> None:
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 1900, "stream": stream,
+            "min_tokens": 1900}
+    url = f"{proxy_server.base_url}/v1/chat/completions"
+    asyncio.run(_leave_after(url, body, lambda: vllm_running(vllm_server) >= 1, stream))
+    gone = time.monotonic()
+    wait_until(lambda: vllm_running(vllm_server) == 0, 1.0, "vLLM to abort the request", interval=0.05)
+    assert time.monotonic() - gone <= 1.0
+
+
+def test_client_leaving_before_first_token_closes_upstream(proxy: Callable[..., Service],
+                                                            upstream: Callable[..., Service]) -> None:
+    backend = upstream()
+    service = single(proxy, backend)
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "stream": True}
+
+    async def leave() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            task = asyncio.create_task(client.post(f"{service.base_url}/v1/chat/completions",
+                                                   json={**body, "script": "first-byte-delay=30"}))
+            deadline = time.monotonic() + 10
+            while stats(backend)["in_flight"] < 1:
+                assert time.monotonic() < deadline, "the request never reached the upstream"
+                await asyncio.sleep(0.02)
+            task.cancel()
+
+    asyncio.run(leave())
+    wait_until(lambda: stats(backend)["disconnects"] == 1, 1.0, "the upstream request to be closed", 0.05)
+    assert stats(backend)["in_flight"] == 0
+
+
+# ---- backend failures ----------------------------------------------------------------------------
+
+def test_backend_killed_mid_stream(proxy: Callable[..., Service], tmp_path: Path) -> None:
+    backend = start_scripted_upstream(tmp_path, delay_ms=50)
+    service = single(proxy, backend)
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 200, "stream": True}
+    events = []
+    try:
+        with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                events.append(line)
+                if len(events) == 3:
+                    backend.stop(signal.SIGKILL)
+    finally:
+        backend.stop(signal.SIGKILL)
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_reset" and "incomplete" in error["message"]
+    assert "data: [DONE]" not in events
+    assert metric(service, 'qwen_proxy_upstream_errors_total{kind="reset",model="tiny-qwen3"}') == 1
+    assert http_ok(f"{service.base_url}/health")
+
+    short = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 2}
+    wait_until(lambda: not http_ok(f"{service.base_url}/ready"), 5, "/ready to report the backend down")
+    assert httpx.post(f"{service.base_url}/v1/chat/completions", json=short, timeout=10).status_code == 503
+    revived = start_scripted_upstream(tmp_path, port=backend.port)
+    try:
+        wait_until(lambda: http_ok(f"{service.base_url}/ready"), 10, "the backend to be seen again")
+        assert httpx.post(f"{service.base_url}/v1/chat/completions", json=short, timeout=10).status_code == 200
+    finally:
+        revived.stop()
+
+
+def test_connect_failure_is_retried_on_another_backend(proxy: Callable[..., Service],
+                                                       upstream: Callable[..., Service]) -> None:
+    first, second = upstream(), upstream()
+    service = proxy({"models": [{"profile": "tiny-qwen3", "backends": [first.base_url, second.base_url]}],
+                     "health_interval_seconds": 3600})  # the proxy will not notice the death by itself
+    first.stop(signal.SIGKILL)
+    response = httpx.post(f"{service.base_url}/v1/chat/completions", timeout=10,
+                          json={"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 2})
+    assert response.status_code == 200 and stats(second)["requests"] == 1
+    assert metric(service, 'qwen_proxy_upstream_errors_total{kind="connect",model="tiny-qwen3"}') == 1
+
+
+def test_fewest_requests_in_flight_wins(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
+    first, second = upstream(delay_ms=20), upstream(delay_ms=20)
+    service = proxy({"models": [{"profile": "tiny-qwen3", "backends": [first.base_url, second.base_url]}]})
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 20, "stream": True}
+
+    async def four() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await asyncio.gather(*(client.post(f"{service.base_url}/v1/chat/completions", json=body)
+                                   for _ in range(4)))
+
+    asyncio.run(four())
+    assert stats(first)["requests"] == stats(second)["requests"] == 2
+
+
+def test_first_byte_timeout_is_504(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
+    service = single(proxy, upstream(), first_byte_seconds=0.5)
+    response = httpx.post(f"{service.base_url}/v1/chat/completions", timeout=30,
+                          json={"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 2,
+                                "script": "first-byte-delay=5"})
+    assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_idle_timeout_ends_the_stream_with_an_error_event(proxy: Callable[..., Service],
+                                                          upstream: Callable[..., Service]) -> None:
+    service = single(proxy, upstream(), idle_seconds=0.5)
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 10, "stream": True, "script": "stall-after=2"}
+    with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert len(events) == 3
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_timeout"
+
+
+# ---- graceful shutdown ----------------------------------------------------------------------------
+
+def test_sigterm_drains_streams_in_flight(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
+    service = single(proxy, upstream(delay_ms=50))
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 40, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if not line:
+                continue
+            events.append(line)
+            if len(events) == 2:
+                service.process.send_signal(signal.SIGTERM)
+                wait_until(lambda: httpx.get(f"{service.base_url}/ready").status_code == 503, 5, "/ready 503")
+                refused = httpx.post(f"{service.base_url}/v1/chat/completions", json=body, timeout=10)
+                assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert events[-1] == "data: [DONE]" and len(events) == 41
+    assert service.process.wait(timeout=20) == 0

@@ -1,0 +1,85 @@
+"""The streaming relay: events through untouched unless they must change."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from serving.metrics import Metrics
+from serving.relay import StreamRelay, Usage, add_reasoning_content, rewrite_json_response
+
+CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":" hi"},"finish_reason":null}],"model":"m"}\n\n'
+ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"model":"m"}\n\n'
+USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+def relay(drop_usage: bool = True, rewrite: tuple[bytes, bytes] | None = None) -> tuple[StreamRelay, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    return StreamRelay(metrics, "m", 0.0, drop_usage=drop_usage, rewrite=rewrite, completions=False), metrics
+
+
+def test_events_pass_through_byte_for_byte() -> None:
+    r, _ = relay()
+    assert r.feed(ROLE) == ROLE
+    assert r.feed(CONTENT) == CONTENT
+    assert r.feed(DONE) == DONE and r.saw_done
+
+
+def test_split_and_merged_reads() -> None:
+    r, _ = relay()
+    stream = ROLE + CONTENT + CONTENT + DONE
+    out = b"".join(r.feed(stream[i:i + 7]) for i in range(0, len(stream), 7))
+    assert out == stream
+
+
+def test_usage_event_dropped_unless_asked_and_counted_either_way() -> None:
+    r, _ = relay(drop_usage=True)
+    assert r.feed(CONTENT + USAGE + DONE) == CONTENT + DONE
+    assert (r.usage.prompt, r.usage.completion) == (3, 2)
+    kept, _ = relay(drop_usage=False)
+    assert kept.feed(USAGE) == USAGE
+
+
+def test_token_timing_ignores_role_and_usage_events() -> None:
+    r, metrics = relay()
+    r.feed(ROLE + CONTENT + CONTENT + USAGE)
+    ttft = metrics.registry.get_sample_value("qwen_proxy_time_to_first_token_seconds_count", {"model": "m"})
+    itl = metrics.registry.get_sample_value("qwen_proxy_inter_token_latency_seconds_count", {"model": "m"})
+    assert (ttft, itl) == (1.0, 1.0)
+
+
+def test_reasoning_content_is_added_beside_reasoning() -> None:
+    event = b'data: {"choices":[{"delta":{"reasoning":"a \\"q\\" \\u00e9"},"finish_reason":null}]}\n\n'
+    r, metrics = relay()
+    out = r.feed(event)
+    delta = json.loads(out[6:])["choices"][0]["delta"]
+    assert delta["reasoning"] == delta["reasoning_content"] == 'a "q" \u00e9'
+    answer = metrics.registry.get_sample_value("qwen_proxy_time_to_first_answer_token_seconds_count", {"model": "m"})
+    assert answer == 0.0  # reasoning is not an answer token
+
+
+@given(st.text())
+def test_reasoning_content_copy_is_exact_for_any_text(text: str) -> None:
+    event = ("data: " + json.dumps({"delta": {"reasoning": text}, "n": 1}, separators=(",", ":"))).encode()
+    delta = json.loads(add_reasoning_content(event)[6:])["delta"]
+    assert delta == {"reasoning": text, "reasoning_content": text}
+
+
+def test_alias_rewrite() -> None:
+    r, _ = relay(rewrite=(b'"model":"m"', b'"model":"alias"'))
+    assert json.loads(r.feed(CONTENT)[6:])["model"] == "alias"
+
+
+def test_non_streamed_response() -> None:
+    payload = json.dumps({"model": "m", "choices": [{"message": {"content": "x", "reasoning": "r"}}],
+                          "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    usage = Usage()
+    data = json.loads(rewrite_json_response(payload, "m", "alias", usage))
+    assert data["model"] == "alias" and data["choices"][0]["message"]["reasoning_content"] == "r"
+    assert usage.completion == 2
+    untouched = json.dumps({"model": "m", "choices": [{"message": {"content": "x", "reasoning": None}}]}).encode()
+    assert rewrite_json_response(untouched, "m", "m", Usage()) is untouched
