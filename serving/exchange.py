@@ -26,7 +26,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 UPSTREAM_HEADERS = {"content-type": "application/json"}
-RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+MAX_STALE_RETRIES = 3
+
+
+class StaleConnection(Exception):
+    """The connection failed before the backend answered: safe to send the request again."""
 
 
 class Exchange:
@@ -59,24 +63,30 @@ class Exchange:
         model = self.route.served_name
         in_flight = self.metrics.in_flight.labels(model)
         in_flight.inc()
-        tried: set[Backend] = set()
+        excluded: set[Backend] = set()
+        stale_retries = 0
         try:
             while True:
-                backend = self.pool.pick(tried)
+                backend = self.pool.pick(excluded)
                 if backend is None:
-                    detail = "all backends failed for this request" if tried else "none is healthy"
+                    detail = "all backends failed for this request" if excluded else "none is healthy"
                     raise ApiError(503, f"no healthy backend for model {model!r} ({detail}); retry later",
                                    headers={"retry-after": "2"})
-                tried.add(backend)
                 backend.in_flight += 1
                 try:
                     return await self._with_backend(backend, send)
-                except RETRYABLE:
-                    kind = "connect" if not self.started else "reset"
-                    self.metrics.upstream_errors.labels(model, kind).inc()
+                except aiohttp.ClientConnectorError:
+                    # Nothing listens there: the backend is down for everyone until its /health answers.
+                    self.metrics.upstream_errors.labels(model, "connect").inc()
                     self.pool.set_health(backend, False)
-                    if self.started:
-                        raise
+                    excluded.add(backend)
+                except StaleConnection:
+                    # A pooled keep-alive connection the backend had closed: routine, not a dead
+                    # backend. Retry on a fresh connection; give up on this backend after a few.
+                    stale_retries += 1
+                    if stale_retries >= MAX_STALE_RETRIES:
+                        self.metrics.upstream_errors.labels(model, "reset").inc()
+                        excluded.add(backend)
                 finally:
                     backend.in_flight -= 1
         finally:
@@ -106,9 +116,11 @@ class Exchange:
                 return 200
             raise ApiError(504, f"model {model!r} did not answer within {self.timeouts.first_byte_seconds:.0f} s",
                            code="upstream_timeout") from None
+        except aiohttp.ClientConnectorError:
+            raise
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
             if not self.started:
-                raise aiohttp.ServerDisconnectedError() from exc
+                raise StaleConnection from exc
             self.metrics.upstream_errors.labels(model, "reset").inc()
             self.pool.set_health(backend, False)
             await self._end_stream_with_error("the model backend failed mid-response; the answer is incomplete",

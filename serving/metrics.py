@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serving.loop_histogram import LoopHistogram
+
 PREFIX = "qwen_proxy"
 # LLM latencies: milliseconds for a cached prefill up to minutes for long reasoning.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300, 600)
@@ -19,13 +21,14 @@ class Metrics:
                                 ["model", "route", "status_class"], registry=registry)
         self.duration = Histogram(f"{p}_request_duration_seconds", "Request time until the last byte",
                                   ["model", "route"], buckets=DURATION_BUCKETS, registry=registry)
-        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Time to the first streamed token",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttfat = Histogram(f"{p}_time_to_first_answer_token_seconds",
-                               "Time to the first answer token (after any reasoning)",
-                               ["model"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.itl = Histogram(f"{p}_inter_token_latency_seconds", "Gap between streamed token events",
-                             ["model"], buckets=TOKEN_GAP_BUCKETS, registry=registry)
+        # Observed per streamed token on the event loop: the lock-free histogram.
+        self.ttft = LoopHistogram(f"{p}_time_to_first_token_seconds", "Time to the first streamed token",
+                                  ["model"], LATENCY_BUCKETS, registry)
+        self.ttfat = LoopHistogram(f"{p}_time_to_first_answer_token_seconds",
+                                   "Time to the first answer token (after any reasoning)",
+                                   ["model"], LATENCY_BUCKETS, registry)
+        self.itl = LoopHistogram(f"{p}_inter_token_latency_seconds", "Gap between streamed token events",
+                                 ["model"], TOKEN_GAP_BUCKETS, registry)
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens (backend usage)", ["model"],
                                      registry=registry)
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Completion tokens (backend usage)",

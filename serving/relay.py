@@ -17,8 +17,12 @@ from serving.metrics import Metrics
 EVENT_END = b"\n\n"
 DONE = b"data: [DONE]"
 REASONING_KEY = '"reasoning":"'
+REASONING_MARK = REASONING_KEY.encode()
 USAGE_MARK = b'"usage":{'
 EMPTY_CHOICES = b'"choices":[]'
+CONTENT_MARK, EMPTY_CONTENT = b'"content":"', b'"content":""'
+TEXT_MARK, EMPTY_TEXT = b'"text":"', b'"text":""'
+TOOL_CALLS_MARK = b'"tool_calls":['
 
 
 def add_reasoning_content(event: bytes) -> bytes:
@@ -62,7 +66,7 @@ class Usage:
 class StreamRelay:
     """Turns upstream SSE bytes into client SSE bytes, timing tokens on the way."""
 
-    __slots__ = ("_answer_marks", "_first_answer", "_itl", "_last_token", "_pending", "_rewrite",
+    __slots__ = ("_completions", "_first_answer", "_itl", "_last_token", "_pending", "_rewrite",
                  "_ttfat", "_ttft", "drop_usage", "saw_done", "start", "usage")
 
     def __init__(self, metrics: Metrics, model: str, start: float, drop_usage: bool,
@@ -78,7 +82,7 @@ class StreamRelay:
         self._ttft = metrics.ttft.labels(model)
         self._ttfat = metrics.ttfat.labels(model)
         self._itl = metrics.itl.labels(model)
-        self._answer_marks = (b'"text":"',) if completions else (b'"content":"', b'"tool_calls":[')
+        self._completions = completions
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to send now for the bytes just read (events are never split or merged further)."""
@@ -99,25 +103,29 @@ class StreamRelay:
         return b"".join(e + EVENT_END for e in kept)
 
     def _event(self, event: bytes) -> bytes | None:
-        if event.startswith(DONE):
-            self.saw_done = True
+        if not event.startswith(b"data: {"):
+            if event.startswith(DONE):
+                self.saw_done = True
             return event
         if USAGE_MARK in event and EMPTY_CHOICES in event:
             self.usage.read(json.loads(event[6:]).get("usage"))
             if self.drop_usage:
                 return None
-        else:
-            self._time_tokens(event)
-            if b'"reasoning":"' in event:
-                event = add_reasoning_content(event)
+        elif REASONING_MARK in event:
+            self._token(answer=False)
+            event = add_reasoning_content(event)
+        elif self._is_answer(event):
+            self._token(answer=True)
         if self._rewrite is not None:
             event = event.replace(*self._rewrite)
         return event
 
-    def _time_tokens(self, event: bytes) -> None:
-        answer = any(mark in event and mark + b'"' not in event for mark in self._answer_marks)
-        if not answer and b'"reasoning":"' not in event:
-            return
+    def _is_answer(self, event: bytes) -> bool:
+        if self._completions:
+            return TEXT_MARK in event and EMPTY_TEXT not in event
+        return (CONTENT_MARK in event and EMPTY_CONTENT not in event) or TOOL_CALLS_MARK in event
+
+    def _token(self, answer: bool) -> None:
         now = time.perf_counter()
         if self._last_token is None:
             self._ttft.observe(now - self.start)

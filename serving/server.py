@@ -43,7 +43,7 @@ def run(app: ProxyApp) -> None:
     listen = app.config.listen
     config = uvicorn.Config(
         app, host=listen.host, port=listen.port, loop="uvloop", http="httptools", lifespan="on",
-        log_level="warning", access_log=False, timeout_keep_alive=75,
+        log_level="warning", access_log=False, timeout_keep_alive=75, proxy_headers=False,
         timeout_graceful_shutdown=int(app.config.drain_seconds) + 1,
     )
     server = DrainingServer(config, app, app.config.drain_seconds)

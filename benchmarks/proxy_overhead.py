@@ -1,0 +1,229 @@
+"""What the proxy costs: the same load direct to an upstream and through the proxy, side by side.
+
+    python -m benchmarks.proxy_overhead [--concurrency 1 16 64 256] [--seconds 6] [--rounds 2]
+
+Starts a scripted SSE upstream (fast: the proxy's own cost dominates), the tiny model on vLLM's
+CPU build (realistic pacing, sharing the cores), and the proxy in front of each; then for every
+concurrency alternates direct and proxied rounds (the machine is noisy: interleaving keeps the
+ratio fair) and prints added TTFT (p50, p99) and proxied tokens/s as a fraction of direct, tokens
+counted from the servers' usage, plus events per response (must match: no coalescing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from deploy.paths import REPO_ROOT
+from deploy.profile import load_profile
+
+TOKENS_PER_REQUEST = 64
+
+
+@dataclass
+class Cell:
+    ttfts: list[float] = field(default_factory=list)
+    tokens: int = 0
+    events: list[int] = field(default_factory=list)
+    busy_seconds: float = 0.0
+    errors: int = 0
+
+    def merge(self, other: Cell) -> None:
+        self.ttfts += other.ttfts
+        self.tokens += other.tokens
+        self.events += other.events
+        self.busy_seconds += other.busy_seconds
+        self.errors += other.errors
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.busy_seconds if self.busy_seconds else 0.0
+
+    def ttft(self, q: float) -> float:
+        if not self.ttfts:
+            return float("nan")
+        ordered = sorted(self.ttfts)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cell: Cell) -> None:
+    start = time.perf_counter()
+    first = None
+    events = 0
+    try:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+            if response.status != 200:
+                cell.errors += 1
+                return
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                events += 1
+                # The first token event: vLLM's first event only announces the role.
+                if first is None and b'"choices":[{' in line and b'"role":"assistant"' not in line:
+                    first = time.perf_counter()
+                if b'"usage":{' in line:
+                    cell.tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+    except aiohttp.ClientError:
+        cell.errors += 1
+        return
+    if first is not None:
+        cell.ttfts.append(first - start)
+    cell.events.append(events)
+
+
+async def run_round(base_url: str, model: str, concurrency: int, seconds: float) -> Cell:
+    # The profile's sampling sent explicitly: both paths then ask vLLM for the same work (the proxy
+    # would otherwise add top_k/top_p, which cost vLLM more than the proxy itself).
+    defaults = load_profile(model).sampling.defaults.as_request_fields()
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "benchmark"}],
+                       **defaults, "max_tokens": TOKENS_PER_REQUEST, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    cell = Cell()
+    url = base_url + "/v1/chat/completions"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                await _one(session, url, body, cell)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        cell.busy_seconds = time.perf_counter() - start
+    return cell
+
+
+def _wait(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"error: {url} did not answer within {timeout:.0f} s")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Stack:
+    """The processes under test, stopped together whatever happens."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], health_url: str, timeout: float = 300) -> None:
+        log = (self.log_dir / f"{len(self.processes)}.log").open("wb")
+        self.processes.append(subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
+        _wait(health_url, timeout)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.send_signal(signal.SIGINT)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def measure(direct: str, proxied: str, model: str, concurrency: int, seconds: float, rounds: int) -> tuple[Cell, Cell]:
+    totals = (Cell(), Cell())
+    asyncio.run(run_round(direct, model, min(concurrency, 4), 1.0))  # warm-up, not counted
+    for index in range(rounds):
+        order = [(0, direct), (1, proxied)] if index % 2 == 0 else [(1, proxied), (0, direct)]
+        for slot, url in order:
+            totals[slot].merge(asyncio.run(run_round(url, model, concurrency, seconds / rounds)))
+    return totals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.proxy_overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell and mode")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating direct/proxy rounds per cell")
+    parser.add_argument("--upstreams", nargs="+", choices=["scripted", "vllm"], default=["scripted", "vllm"])
+    args = parser.parse_args(argv)
+    if any(c < 1 for c in args.concurrency) or args.seconds <= 0 or args.rounds < 1:
+        parser.error("concurrency >= 1, seconds > 0 and rounds >= 1")
+
+    python = sys.executable
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="proxy-overhead-") as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            for kind in args.upstreams:
+                port, proxy_port = _free_port(), _free_port()
+                if kind == "scripted":
+                    stack.start([python, "-m", "benchmarks.scripted_upstream", "--port", str(port)],
+                                f"http://127.0.0.1:{port}/health")
+                else:
+                    stack.start([python, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port)],
+                                f"http://127.0.0.1:{port}/health")
+                stack.start([python, "-m", "serving", "--backend", f"tiny-qwen3=http://127.0.0.1:{port}",
+                             "--port", str(proxy_port)], f"http://127.0.0.1:{proxy_port}/ready")
+                for concurrency in args.concurrency:
+                    direct, proxied = measure(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}",
+                                              "tiny-qwen3", concurrency, args.seconds, args.rounds)
+                    rows.append((kind, concurrency, direct, proxied))
+                    print(_row(*rows[-1]), flush=True)
+        finally:
+            stack.stop()
+    print(f"\nmachine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}; "
+          f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode")
+    return 0
+
+
+HEADER = (f"{'upstream':<9} {'streams':>7} {'TTFT p50 direct/proxy (ms)':>27} {'added':>7} "
+          f"{'TTFT p99 d/p (ms)':>19} {'added':>7} {'tok/s direct':>12} {'tok/s proxy':>11} {'ratio':>6} "
+          f"{'events/resp d/p':>15} {'errors':>6}")
+
+
+def _row(kind: str, concurrency: int, direct: Cell, proxied: Cell) -> str:
+    if concurrency == 1 or not hasattr(_row, "printed"):
+        _row.printed = True  # type: ignore[attr-defined]
+    p50d, p50p = direct.ttft(0.5) * 1000, proxied.ttft(0.5) * 1000
+    p99d, p99p = direct.ttft(0.99) * 1000, proxied.ttft(0.99) * 1000
+    ratio = proxied.tokens_per_second / direct.tokens_per_second if direct.tokens_per_second else float("nan")
+    events_d = statistics.median(direct.events) if direct.events else 0
+    events_p = statistics.median(proxied.events) if proxied.events else 0
+    return (f"{kind:<9} {concurrency:>7} {p50d:>13.1f} / {p50p:<11.1f} {p50p - p50d:>+7.1f} "
+            f"{p99d:>8.1f} / {p99p:<8.1f} {p99p - p99d:>+7.1f} {direct.tokens_per_second:>12.0f} "
+            f"{proxied.tokens_per_second:>11.0f} {ratio:>6.2f} {events_d:>7.0f} / {events_p:<5.0f} "
+            f"{direct.errors + proxied.errors:>6}")
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    print(HEADER)
+    sys.exit(main())
