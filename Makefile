@@ -15,6 +15,9 @@ MODEL ?= $(if $(HAS_GPU),qwen3-4b-instruct-fp8,tiny-qwen3)
 PORT ?=
 PROXY_PORT ?= 8000
 GPU ?= h100-80gb
+HEAD ?=
+RAY_PORT ?= 6379
+NUM_GPUS ?=
 GPUS ?=
 PYTEST_ARGS ?=
 
@@ -69,6 +72,10 @@ serve: install ## Start MODEL (default tiny-qwen3 without a GPU) with the proxy 
 serve-vllm: install ## Start only vLLM for MODEL (port from the profile, PORT= overrides)
 	$(PY) -m deploy serve $(MODEL) $(PORT_ARG)
 
+.PHONY: proxy
+proxy: install ## Start only the proxy from configs/proxy.yaml (the vLLM backends must be running)
+	$(PY) -m serving --config configs/proxy.yaml
+
 .PHONY: profiles
 profiles: install ## List the model profiles
 	$(PY) -m deploy profiles
@@ -84,6 +91,31 @@ check: install tiny-model ## Validate every profile with the pinned vLLM's own c
 .PHONY: plan
 plan: install ## GPU memory plan for MODEL on GPUS x GPU (e.g. GPU=h100-80gb GPUS=2)
 	$(PY) -m deploy plan $(MODEL) --gpu $(GPU) $(if $(GPUS),--gpus $(GPUS))
+
+##@ Ray (multi-GPU / multi-node)
+
+.PHONY: ray-head
+ray-head: install ## Start (or reuse) a Ray head here: RAY_PORT=6379, NUM_GPUS= (default: visible GPUs)
+	$(PY) -m deploy ray-head --port $(RAY_PORT) $(if $(NUM_GPUS),--num-gpus $(NUM_GPUS))
+
+.PHONY: ray-worker
+ray-worker: install ## Join this node to the cluster at HEAD=<ip:port>
+	@test -n "$(HEAD)" || { echo "error: HEAD=<head ip:port> is required, e.g. make ray-worker HEAD=10.0.0.1:6379"; exit 2; }
+	$(PY) -m deploy ray-worker --head $(HEAD) $(if $(NUM_GPUS),--num-gpus $(NUM_GPUS))
+
+.PHONY: ray-stop
+ray-stop: install ## Stop Ray on this node
+	$(PY) -m deploy ray-stop
+
+.PHONY: status
+status: install ## Show the Ray cluster: nodes, GPUs free/used, what is serving
+	$(PY) -m deploy status
+
+##@ Benchmarks
+
+.PHONY: bench-proxy
+bench-proxy: install tiny-model ## Proxy overhead: the same load direct and through the proxy, side by side
+	$(PY) -m benchmarks.proxy_overhead
 
 ##@ Test
 

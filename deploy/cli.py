@@ -97,12 +97,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.launch import prepare, serve
+    from deploy.launch import prepare, release, serve
 
     profile = load_profile(args.profile, args.set)
     port = args.port or profile.port
     plan = prepare(profile, port=port, ray_address=args.ray_address, generate_model=not args.dry_run)
     if args.dry_run:
+        release(plan)
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(json.dumps({"argv": plan.command.argv, "env": plan.command.env}, indent=2))

@@ -26,6 +26,7 @@ class LaunchPlan:
     profile: Profile
     command: Command
     warnings: list[str] = field(default_factory=list)
+    started_ray: bool = False  # a single-node Ray head this launcher started (and must stop)
 
 
 def visible_gpus() -> int:
@@ -92,7 +93,16 @@ def prepare(profile: Profile, port: int | None = None, ray_address: str | None =
         report = ray_preflight.preflight(profile, ray_address)
         warnings += report.warnings
         command = Command(argv=command.argv, env={**command.env, **report.env})
+        return LaunchPlan(profile, command, warnings, started_ray=report.started_cluster)
     return LaunchPlan(profile=profile, command=command, warnings=warnings)
+
+
+def release(plan: LaunchPlan) -> None:
+    """Stop what prepare() started for this launch only."""
+    if plan.started_ray:
+        from deploy import ray_cluster
+
+        ray_cluster.stop()
 
 
 def serve(plan: LaunchPlan, port: int, proxy_port: int | None, startup_timeout: float) -> int:
@@ -100,6 +110,7 @@ def serve(plan: LaunchPlan, port: int, proxy_port: int | None, startup_timeout: 
     profile = plan.profile
     for needed in (port, proxy_port):
         if needed is not None and not port_free(needed):
+            release(plan)
             raise LaunchError(f"port {needed} is in use: stop what listens there or pass PORT=<free port>")
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -120,7 +131,10 @@ def serve(plan: LaunchPlan, port: int, proxy_port: int | None, startup_timeout: 
         ))
     supervisor = Supervisor(children, startup_timeout=startup_timeout)
     public_port = proxy_port or port
-    return supervisor.run(on_ready=lambda: print(ready_message(profile, public_port), flush=True))
+    try:
+        return supervisor.run(on_ready=lambda: print(ready_message(profile, public_port), flush=True))
+    finally:
+        release(plan)
 
 
 def ready_message(profile: Profile, port: int) -> str:

@@ -61,7 +61,7 @@ def test_not_enough_gpus() -> None:
 def test_dry_run_prints_the_argv_and_starts_nothing(tiny_model_dir: Path) -> None:
     result = run_deploy("serve", "tiny-qwen3", "--dry-run", "--port", "8199")
     assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    payload, _ = json.JSONDecoder().raw_decode(result.stdout)
     assert payload["argv"][1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert payload["argv"][payload["argv"].index("--port") + 1] == "8199"
     assert payload["env"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
