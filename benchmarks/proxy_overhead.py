@@ -5,8 +5,10 @@
 Starts a scripted SSE upstream (fast: the proxy's own cost dominates), the tiny model on vLLM's
 CPU build (realistic pacing, sharing the cores), and the proxy in front of each; then for every
 concurrency alternates direct and proxied rounds (the machine is noisy: interleaving keeps the
-ratio fair) and prints added TTFT (p50, p99) and proxied tokens/s as a fraction of direct, tokens
-counted from the servers' usage, plus events per response (must match: no coalescing).
+ratio fair), each client keeping its connections as real clients do, and prints added TTFT (p50,
+p99) and proxied tokens/s as a fraction of direct (steady state: requests started in each
+round's first 2 s are not counted), tokens counted from the servers' usage, plus events per
+response (must match: no coalescing).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from deploy.paths import REPO_ROOT
 from deploy.profile import load_profile
 
 TOKENS_PER_REQUEST = 64
+RAMP_SECONDS = 2.0
 
 
 @dataclass
@@ -85,27 +88,52 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cell: Cell
     cell.events.append(events)
 
 
-async def run_round(base_url: str, model: str, concurrency: int, seconds: float) -> Cell:
+def request_body(model: str) -> bytes:
     # The profile's sampling sent explicitly: both paths then ask vLLM for the same work (the proxy
     # would otherwise add top_k/top_p, which cost vLLM more than the proxy itself).
     defaults = load_profile(model).sampling.defaults.as_request_fields()
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "benchmark"}],
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "benchmark"}],
                        **defaults, "max_tokens": TOKENS_PER_REQUEST, "ignore_eos": True,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
-    cell = Cell()
+
+
+async def run_round(session: aiohttp.ClientSession, base_url: str, body: bytes, concurrency: int,
+                    seconds: float, ramp: float) -> Cell:
+    """Closed-loop load; only requests started after the ramp count (the first burst of
+    `concurrency` simultaneous requests measures the burst, not the steady state)."""
+    counted, ramping = Cell(), Cell()
     url = base_url + "/v1/chat/completions"
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-        start = time.perf_counter()
-        deadline = start + seconds
+    start = time.perf_counter()
+    measure_from, deadline = start + ramp, start + ramp + seconds
+    last_end = measure_from
 
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                await _one(session, url, body, cell)
+    async def worker() -> None:
+        nonlocal last_end
+        while (began := time.perf_counter()) < deadline:
+            await _one(session, url, body, counted if began >= measure_from else ramping)
+            if began >= measure_from:
+                last_end = max(last_end, time.perf_counter())
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        cell.busy_seconds = time.perf_counter() - start
-    return cell
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    counted.busy_seconds = last_end - measure_from
+    return counted
+
+
+async def measure(direct: str, proxied: str, model: str, concurrency: int, seconds: float,
+                  rounds: int) -> tuple[Cell, Cell]:
+    """Alternate direct and proxied rounds; each mode keeps one client (keep-alive) throughout."""
+    totals = (Cell(), Cell())
+    body = request_body(model)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as one, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as two:
+        sessions = (one, two)
+        for index in range(rounds):
+            order = [(0, direct), (1, proxied)] if index % 2 == 0 else [(1, proxied), (0, direct)]
+            for slot, url in order:
+                totals[slot].merge(await run_round(sessions[slot], url, body, concurrency, seconds / rounds,
+                                                   ramp=RAMP_SECONDS))
+    return totals
 
 
 def _wait(url: str, timeout: float) -> None:
@@ -151,16 +179,6 @@ class Stack:
                 process.kill()
 
 
-def measure(direct: str, proxied: str, model: str, concurrency: int, seconds: float, rounds: int) -> tuple[Cell, Cell]:
-    totals = (Cell(), Cell())
-    asyncio.run(run_round(direct, model, min(concurrency, 4), 1.0))  # warm-up, not counted
-    for index in range(rounds):
-        order = [(0, direct), (1, proxied)] if index % 2 == 0 else [(1, proxied), (0, direct)]
-        for slot, url in order:
-            totals[slot].merge(asyncio.run(run_round(url, model, concurrency, seconds / rounds)))
-    return totals
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proxy_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     python = sys.executable
     rows = []
+    print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="proxy-overhead-") as tmp:
         stack = Stack(Path(tmp))
         try:
@@ -188,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                 stack.start([python, "-m", "serving", "--backend", f"tiny-qwen3=http://127.0.0.1:{port}",
                              "--port", str(proxy_port)], f"http://127.0.0.1:{proxy_port}/ready")
                 for concurrency in args.concurrency:
-                    direct, proxied = measure(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}",
-                                              "tiny-qwen3", concurrency, args.seconds, args.rounds)
+                    direct, proxied = asyncio.run(measure(
+                        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}", "tiny-qwen3",
+                        concurrency, args.seconds, args.rounds))
                     rows.append((kind, concurrency, direct, proxied))
                     print(_row(*rows[-1]), flush=True)
         finally:
@@ -205,8 +225,6 @@ HEADER = (f"{'upstream':<9} {'streams':>7} {'TTFT p50 direct/proxy (ms)':>27} {'
 
 
 def _row(kind: str, concurrency: int, direct: Cell, proxied: Cell) -> str:
-    if concurrency == 1 or not hasattr(_row, "printed"):
-        _row.printed = True  # type: ignore[attr-defined]
     p50d, p50p = direct.ttft(0.5) * 1000, proxied.ttft(0.5) * 1000
     p99d, p99p = direct.ttft(0.99) * 1000, proxied.ttft(0.99) * 1000
     ratio = proxied.tokens_per_second / direct.tokens_per_second if direct.tokens_per_second else float("nan")
@@ -225,5 +243,4 @@ def _cpus() -> int:
 
 
 if __name__ == "__main__":
-    print(HEADER)
     sys.exit(main())

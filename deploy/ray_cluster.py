@@ -6,6 +6,7 @@ for a logical cluster (tests, dry runs).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,8 +31,20 @@ class HeadOptions:
     dashboard: bool = False
 
 
+def reachable(address: str) -> bool:
+    """Something listens at host:port (Ray's own clients retry for minutes when nothing does)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def cluster_alive(address: str) -> bool:
     """True when a Ray cluster answers at address (`ray status` exits 0)."""
+    if not reachable(address):
+        return False
     result = subprocess.run([ray_cli(), "status", "--address", address], capture_output=True, text=True,
                             timeout=60, check=False)
     return result.returncode == 0

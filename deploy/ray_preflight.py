@@ -63,7 +63,7 @@ def interface_for(ip: str) -> str | None:
 
     for name, addresses in psutil.net_if_addrs().items():
         if any(a.family == socket.AF_INET and a.address == ip for a in addresses):
-            return name
+            return str(name)
     return None
 
 
@@ -125,15 +125,6 @@ def node_environment(ip: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
-def _reachable(address: str) -> bool:
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def preflight(profile: Profile, address: str | None) -> PreflightReport:
     """Connect to the cluster at address (or RAY_ADDRESS, or this node's) and check it.
 
@@ -153,7 +144,7 @@ def preflight(profile: Profile, address: str | None) -> PreflightReport:
             address, started = ray_cluster.start_head(ray_cluster.HeadOptions(num_gpus=visible_gpus()))
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
-        if target != "auto" and not _reachable(target):
+        if target != "auto" and not ray_cluster.reachable(target):
             # ray.init would retry for minutes against an address where nothing listens.
             raise LaunchError(
                 f"{profile.name} runs on Ray but no Ray cluster answers at {target!r}: start one with "

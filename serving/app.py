@@ -30,6 +30,7 @@ COMPLETIONS = "/v1/completions"
 ROUTE_LABELS = {CHAT: "chat", COMPLETIONS: "completions", "/v1/models": "models"}
 JSON_HEADERS = [(b"content-type", b"application/json")]
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
+UPSTREAM_KEEPALIVE_SECONDS = 4.0
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -69,7 +70,9 @@ class ProxyApp:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        # vLLM's server closes idle keep-alive connections after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
+        # dropping ours first avoids sending a request down a connection it is closing.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         unique = list({id(p): p for p in self.pools.values()}.values())
         await check_all(self.session, unique)

@@ -37,6 +37,18 @@ def vllm_running(vllm: RunningServer) -> float:
     raise AssertionError("vllm:num_requests_running not found")
 
 
+def stream_events(service: Service, body: dict[str, object], actions: dict[int, Callable[[], None]]) -> list[str]:
+    """Read a stream's SSE events, running actions[n] right after the n-th event arrives."""
+    events: list[str] = []
+    with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line:
+                events.append(line)
+                if len(events) in actions:
+                    actions[len(events)]()
+    return events
+
+
 def single(proxy: Callable[..., Service], backend: Service, **timeouts: float) -> Service:
     entry: dict[str, object] = {"profile": "tiny-qwen3", "backends": [backend.base_url]}
     if timeouts:
@@ -100,15 +112,8 @@ def test_backend_killed_mid_stream(proxy: Callable[..., Service], tmp_path: Path
     backend = start_scripted_upstream(tmp_path, delay_ms=50)
     service = single(proxy, backend)
     body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 200, "stream": True}
-    events = []
     try:
-        with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:
-            for line in response.iter_lines():
-                if not line:
-                    continue
-                events.append(line)
-                if len(events) == 3:
-                    backend.stop(signal.SIGKILL)
+        events = stream_events(service, body, {3: lambda: backend.stop(signal.SIGKILL)})
     finally:
         backend.stop(signal.SIGKILL)
     error = json.loads(events[-1].removeprefix("data: "))["error"]
@@ -177,16 +182,13 @@ def test_idle_timeout_ends_the_stream_with_an_error_event(proxy: Callable[..., S
 def test_sigterm_drains_streams_in_flight(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
     service = single(proxy, upstream(delay_ms=50))
     body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 40, "stream": True}
-    events = []
-    with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:
-        for line in response.iter_lines():
-            if not line:
-                continue
-            events.append(line)
-            if len(events) == 2:
-                service.process.send_signal(signal.SIGTERM)
-                wait_until(lambda: httpx.get(f"{service.base_url}/ready").status_code == 503, 5, "/ready 503")
-                refused = httpx.post(f"{service.base_url}/v1/chat/completions", json=body, timeout=10)
-                assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+
+    def terminate_mid_stream() -> None:
+        service.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{service.base_url}/ready").status_code == 503, 5, "/ready 503")
+        refused = httpx.post(f"{service.base_url}/v1/chat/completions", json=body, timeout=10)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+
+    events = stream_events(service, body, {2: terminate_mid_stream})
     assert events[-1] == "data: [DONE]" and len(events) == 41
     assert service.process.wait(timeout=20) == 0
