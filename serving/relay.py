@@ -144,8 +144,13 @@ class StreamRelay:
 
 def rewrite_json_response(payload: bytes, served: str, asked: str, usage: Usage) -> bytes:
     """A non-streamed response: read usage; add reasoning_content and the asked name when needed."""
-    data = json.loads(payload)
-    usage.read(data.get("usage"))
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload  # not JSON: the backend's bytes, unchanged
+    if not isinstance(data, dict):
+        return payload
+    usage.read(data.get("usage") if isinstance(data.get("usage"), dict) else None)
     changed = False
     for choice in data.get("choices") or []:
         message = choice.get("message")

@@ -81,5 +81,6 @@ def test_non_streamed_response() -> None:
     data = json.loads(rewrite_json_response(payload, "m", "alias", usage))
     assert data["model"] == "alias" and data["choices"][0]["message"]["reasoning_content"] == "r"
     assert usage.completion == 2
+    assert rewrite_json_response(b"not json", "m", "alias", Usage()) == b"not json"
     untouched = json.dumps({"model": "m", "choices": [{"message": {"content": "x", "reasoning": None}}]}).encode()
     assert rewrite_json_response(untouched, "m", "m", Usage()) is untouched
