@@ -39,8 +39,9 @@ def _chunk(index: int, text: str, reasoning: bool, chat: bool, finish: str | Non
 
 
 class Upstream:
-    def __init__(self, delay_ms: float) -> None:
+    def __init__(self, delay_ms: float, close_before_response: bool = False) -> None:
         self.delay = delay_ms / 1000.0
+        self.close_before_response = close_before_response
         self.requests = 0
         self.disconnects = 0
         self.in_flight = 0
@@ -72,6 +73,10 @@ class Upstream:
         script = self.script(body)
         tokens = int(body.get("max_tokens") or 16)
         self.requests += 1
+        if self.close_before_response:
+            assert request.transport is not None
+            request.transport.abort()  # like a keep-alive connection the server closed under the client
+            return web.Response(status=500)
         self.in_flight += 1
         try:
             if "first-byte-delay" in script:
@@ -111,8 +116,8 @@ class Upstream:
             self.in_flight -= 1
 
 
-def make_app(delay_ms: float = 0.0) -> web.Application:
-    upstream = Upstream(delay_ms)
+def make_app(delay_ms: float = 0.0, close_before_response: bool = False) -> web.Application:
+    upstream = Upstream(delay_ms, close_before_response)
     app = web.Application()
     app.router.add_get("/health", upstream.health)
     app.router.add_get("/stats", upstream.stats)
@@ -128,9 +133,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause between token events")
+    parser.add_argument("--close-before-response", action="store_true",
+                        help="drop every generation request's connection before answering (health still 200)")
     args = parser.parse_args()
     print(f"scripted upstream on http://{args.host}:{args.port} ({time.strftime('%H:%M:%S')})", flush=True)
-    web.run_app(make_app(args.delay_ms), host=args.host, port=args.port, print=None, handler_cancellation=True)
+    web.run_app(make_app(args.delay_ms, args.close_before_response), host=args.host, port=args.port, print=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -150,9 +150,12 @@ def start_proxy(args: list[str], log_dir: Path, port: int | None = None, ready_p
     return start_service([sys.executable, "-m", "serving", *args, "--port", str(port)], port, ready_path, log_dir)
 
 
-def start_scripted_upstream(log_dir: Path, port: int | None = None, delay_ms: float = 0) -> Service:
+def start_scripted_upstream(log_dir: Path, port: int | None = None, delay_ms: float = 0,
+                            close_before_response: bool = False) -> Service:
     port = port or free_port()
     argv = [sys.executable, "-m", "benchmarks.scripted_upstream", "--port", str(port), "--delay-ms", str(delay_ms)]
+    if close_before_response:
+        argv.append("--close-before-response")
     return start_service(argv, port, "/health", log_dir)
 
 

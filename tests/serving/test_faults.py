@@ -145,6 +145,21 @@ def test_connect_failure_is_retried_on_another_backend(proxy: Callable[..., Serv
     assert metric(service, 'qwen_proxy_upstream_errors_total{kind="connect",model="tiny-qwen3"}') == 1
 
 
+def test_disconnect_before_any_byte_is_retried_without_marking_the_backend_down(
+        proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
+    """A dropped connection before the answer (e.g. a keep-alive connection the backend was
+    closing) is retried; only a refused connection means the backend is down."""
+    flaky, good = upstream(close_before_response=True), upstream()
+    service = proxy({"models": [{"profile": "tiny-qwen3", "backends": [flaky.base_url, good.base_url]}],
+                     "health_interval_seconds": 3600})
+    response = httpx.post(f"{service.base_url}/v1/chat/completions", timeout=10,
+                          json={"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 2})
+    assert response.status_code == 200
+    assert stats(flaky)["requests"] == 3 and stats(good)["requests"] == 1  # 3 tries, then the other
+    assert metric(service, f'qwen_proxy_backend_up{{backend="{flaky.base_url}",model="tiny-qwen3"}}') == 1
+    assert metric(service, 'qwen_proxy_upstream_errors_total{kind="reset",model="tiny-qwen3"}') == 1
+
+
 def test_fewest_requests_in_flight_wins(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
     first, second = upstream(delay_ms=20), upstream(delay_ms=20)
     service = proxy({"models": [{"profile": "tiny-qwen3", "backends": [first.base_url, second.base_url]}]})
