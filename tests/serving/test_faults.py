@@ -58,28 +58,39 @@ def single(proxy: Callable[..., Service], backend: Service, **timeouts: float) -
 
 # ---- client disconnects abort the backend request ----------------------------------------------
 
-async def _leave_after(url: str, body: dict[str, object], condition: Callable[[], bool], stream: bool) -> None:
+async def _running(client: httpx.AsyncClient, vllm: RunningServer) -> float:
+    for line in (await client.get(vllm.metrics_url)).text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.split()[-1])
+    raise AssertionError("vllm:num_requests_running not found")
+
+
+async def _leave_once_running(url: str, body: dict[str, object], vllm: RunningServer, stream: bool) -> None:
+    """Send a long request and leave as soon as vLLM is generating it."""
     deadline = time.monotonic() + 30
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with httpx.AsyncClient(timeout=60) as client, httpx.AsyncClient(timeout=5) as probe:
         if stream:
             async with client.stream("POST", url, json=body) as response:
                 async for _ in response.aiter_lines():
-                    if condition():
+                    if await _running(probe, vllm) >= 1:
                         return  # leaving the block closes the connection mid-stream
-        else:
-            task = asyncio.create_task(client.post(url, json=body))
-            while not condition():
-                assert time.monotonic() < deadline, "the request never started running"
-                await asyncio.sleep(0.02)
-            task.cancel()
+            raise AssertionError("the stream ended before vLLM reported it running")
+        task = asyncio.create_task(client.post(url, json=body))
+        while await _running(probe, vllm) < 1:
+            if task.done():
+                raise AssertionError(f"the request ended before vLLM reported it running: {task.result()}")
+            assert time.monotonic() < deadline, "the request never started running"
+            await asyncio.sleep(0.02)
+        task.cancel()
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "non-streaming"])
 def test_client_leaving_aborts_vllm(proxy_server: Service, vllm_server: RunningServer, stream: bool) -> None:
-    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 1900, "stream": stream,
-            "min_tokens": 1900}
+    # Two sequences of 1,900 forced tokens: seconds of work on the CPU, long enough to leave mid-way.
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 1900, "min_tokens": 1900, "n": 2,
+            "stream": stream}
     url = f"{proxy_server.base_url}/v1/chat/completions"
-    asyncio.run(_leave_after(url, body, lambda: vllm_running(vllm_server) >= 1, stream))
+    asyncio.run(_leave_once_running(url, body, vllm_server, stream))
     gone = time.monotonic()
     wait_until(lambda: vllm_running(vllm_server) == 0, 1.0, "vLLM to abort the request", interval=0.05)
     assert time.monotonic() - gone <= 1.0
