@@ -17,19 +17,16 @@ import argparse
 import asyncio
 import json
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-from deploy.paths import REPO_ROOT
+from benchmarks.processes import Stack, free_port
 from deploy.profile import load_profile
 
 TOKENS_PER_REQUEST = 64
@@ -136,49 +133,6 @@ async def measure(direct: str, proxied: str, model: str, concurrency: int, secon
     return totals
 
 
-def _wait(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"error: {url} did not answer within {timeout:.0f} s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Stack:
-    """The processes under test, stopped together whatever happens."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], health_url: str, timeout: float = 300) -> None:
-        log = (self.log_dir / f"{len(self.processes)}.log").open("wb")
-        self.processes.append(subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
-        _wait(health_url, timeout)
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.send_signal(signal.SIGINT)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proxy_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack(Path(tmp))
         try:
             for kind in args.upstreams:
-                port, proxy_port = _free_port(), _free_port()
+                port, proxy_port = free_port(), free_port()
                 if kind == "scripted":
                     stack.start([python, "-m", "benchmarks.scripted_upstream", "--port", str(port)],
                                 f"http://127.0.0.1:{port}/health")

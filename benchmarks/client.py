@@ -1,0 +1,122 @@
+"""Send one OpenAI-style request and time it: raw aiohttp and a line-by-line SSE reader.
+
+The official `openai` client builds pydantic objects per chunk; at hundreds of streams that
+costs more client CPU than the figures can afford, so the hot loop here only parses each
+`data:` line once and reads the three fields it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from benchmarks.records import RequestRecord
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str          # http://host:port (without /v1)
+    model: str             # the name sent in the request's `model`
+    api: str = "chat"      # chat | completions
+    stream: bool = True
+    api_key: str | None = None
+    timeout_s: float = 600.0
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v1/{'chat/completions' if self.api == 'chat' else 'completions'}"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+
+def _usage(record: RequestRecord, usage: dict[str, Any]) -> None:
+    record.prompt_tokens = usage.get("prompt_tokens")
+    record.completion_tokens = usage.get("completion_tokens")
+    details = usage.get("completion_tokens_details") or {}
+    record.reasoning_tokens = details.get("reasoning_tokens")
+
+
+def _text_of(choice: dict[str, Any], chat: bool) -> tuple[bool, bool]:
+    """(carries answer text, carries reasoning text) for one streamed choice."""
+    if not chat:
+        return bool(choice.get("text")), False
+    delta = choice.get("delta") or {}
+    # vLLM renamed reasoning_content to reasoning; read both.
+    reasoning = bool(delta.get("reasoning") or delta.get("reasoning_content"))
+    return bool(delta.get("content")), reasoning
+
+
+async def send(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[str, Any],
+               record: RequestRecord) -> RequestRecord:
+    chat = endpoint.api == "chat"
+    payload = json.dumps(body).encode()
+    record.start = start = time.perf_counter()
+    try:
+        async with asyncio.timeout(endpoint.timeout_s):
+            async with session.post(endpoint.url, data=payload, headers=endpoint.headers()) as response:
+                if response.status != 200:
+                    record.error = f"http_{response.status}"
+                    record.error_detail = (await response.text())[:300]
+                    return record
+                if not endpoint.stream:
+                    data = await response.json(content_type=None)
+                    record.end = time.perf_counter() - start
+                    _usage(record, data.get("usage") or {})
+                    record.ok = True
+                    return record
+                done = False
+                async for line in response.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    now = time.perf_counter() - start
+                    data_bytes = line[6:].strip()
+                    if data_bytes == b"[DONE]":
+                        done = True
+                        break
+                    data = json.loads(data_bytes)
+                    if "error" in data:
+                        record.error = "stream_error"
+                        record.error_detail = str(data["error"])[:300]
+                        return record
+                    choices = data.get("choices")
+                    if choices:
+                        answer, reasoning = _text_of(choices[0], chat)
+                        if answer or reasoning:
+                            record.token_times.append(now)
+                            record.end = now
+                            if answer:
+                                record.answer_chunks += 1
+                                if record.first_answer_time is None:
+                                    record.first_answer_time = now
+                            else:
+                                record.reasoning_chunks += 1
+                    usage = data.get("usage")
+                    if usage:
+                        _usage(record, usage)
+                if not done:
+                    record.error = "incomplete_stream"
+                elif not record.token_times:
+                    record.error = "no_tokens"
+                else:
+                    record.ok = True
+    except TimeoutError:
+        record.error = "timeout"
+    except aiohttp.ClientConnectorError as exc:
+        record.error = "connection_refused"
+        record.error_detail = str(exc)[:300]
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        record.error = "connection_lost"
+        record.error_detail = f"{type(exc).__name__}: {exc}"[:300]
+    except json.JSONDecodeError as exc:
+        record.error = "bad_chunk"
+        record.error_detail = str(exc)[:300]
+    return record

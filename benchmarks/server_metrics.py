@@ -1,0 +1,136 @@
+"""The server's own view of a run: Prometheus counters before/after, gauges sampled during.
+
+Reported next to the client's figures so a disagreement is visible: tokens the server counted,
+preemptions, peak KV-cache usage and queueing (vLLM), and the proxy's token counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+# Counter deltas over the run (vLLM 0.32 names; counters are exposed with a _total suffix).
+VLLM_COUNTERS = {
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:num_preemptions_total": "preemptions",
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "vllm:request_success_total": "requests_finished",
+}
+PROXY_COUNTERS = {
+    "qwen_proxy_prompt_tokens_total": "prompt_tokens",
+    "qwen_proxy_completion_tokens_total": "completion_tokens",
+    "qwen_proxy_reasoning_tokens_total": "reasoning_tokens",
+    "qwen_proxy_requests_total": "requests",
+}
+# Gauges whose peak during the run matters.
+PEAK_GAUGES = {
+    "vllm:kv_cache_usage_perc": "peak_kv_cache_usage",
+    "vllm:num_requests_running": "peak_requests_running",
+    "vllm:num_requests_waiting": "peak_requests_waiting",
+    "qwen_proxy_requests_in_flight": "peak_proxy_in_flight",
+}
+MODEL_LABELS = ("model_name", "model")
+
+
+def parse(text: str, models: frozenset[str]) -> dict[str, float]:
+    """Sum each sample name over the series of `models` (the served name and its aliases; all
+    series when they carry no model label)."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            label = next((sample.labels[k] for k in MODEL_LABELS if k in sample.labels), None)
+            if models and label is not None and label not in models:
+                continue
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+@dataclass
+class Scraper:
+    """Scrapes one /metrics URL before, during (every `interval_s`) and after a run."""
+
+    url: str
+    models: frozenset[str]
+    interval_s: float = 0.1
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    _task: asyncio.Task[None] | None = None
+
+    async def _get(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        async with session.get(self.url, timeout=aiohttp.ClientTimeout(total=5)) as response:
+            response.raise_for_status()
+            return parse(await response.text(), self.models)
+
+    def _note_peaks(self, values: dict[str, float]) -> None:
+        for name in PEAK_GAUGES:
+            if name in values:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), values[name])
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        try:
+            self.before = await self._get(session)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        self._note_peaks(self.before)
+
+        async def sample() -> None:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    self._note_peaks(await self._get(session))
+                await asyncio.sleep(self.interval_s)  # a sampling period, not synchronisation
+
+        self._task = asyncio.create_task(sample())
+
+    def _requests_counted(self) -> float:
+        for name in ("vllm:request_success_total", "qwen_proxy_requests_total"):
+            if name in self.after:
+                return self.after[name] - self.before.get(name, 0.0)
+        return float("inf")
+
+    async def stop(self, session: aiohttp.ClientSession, requests: int, settle_s: float = 3.0) -> None:
+        """The final scrape, once the server has counted all `requests` (servers update their
+        counters just after the last byte, so a scrape right then can miss the last requests)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.error is not None:
+            return
+        deadline = asyncio.get_running_loop().time() + settle_s
+        while True:
+            try:
+                self.after = await self._get(session)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
+            self._note_peaks(self.after)
+            if self._requests_counted() >= requests or asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)  # polling the server's counters, bounded by settle_s
+
+    def report(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"url": self.url, "error": self.error}
+        kind = "vllm" if any(k.startswith("vllm:") for k in self.after) else (
+            "proxy" if any(k.startswith("qwen_proxy_") for k in self.after) else "unknown")
+        counters = VLLM_COUNTERS if kind == "vllm" else PROXY_COUNTERS
+        out: dict[str, Any] = {"url": self.url, "kind": kind}
+        for name, key in counters.items():
+            if name in self.after:
+                out[key] = self.after[name] - self.before.get(name, 0.0)
+        for name, key in PEAK_GAUGES.items():
+            if name in self.peaks:
+                out[key] = self.peaks[name]
+        if kind == "vllm" and out.get("prefix_cache_queries"):
+            out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits", 0.0) / out["prefix_cache_queries"]
+        return out
