@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from deploy import ray_cli
+from deploy import chart, ray_cli
 from deploy.errors import DeployError
 from deploy.paths import GENERATED_MODELS_DIR
 from deploy.profile import Profile, known_profiles, load_profile
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny_model)
 
     ray_cli.register(sub)
+    chart.register(sub)
     return parser
 
 

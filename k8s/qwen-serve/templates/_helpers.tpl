@@ -1,0 +1,247 @@
+{{/*
+Names and labels. Selector labels are minimal and stable (name, instance, component, model):
+Deployment selectors are immutable, so nothing a user sets ever goes into them.
+*/}}
+
+{{- define "qwen-serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "qwen-serve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "qwen-serve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "qwen-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qwen-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "qwen-serve.labels" -}}
+helm.sh/chart: {{ include "qwen-serve.chart" . }}
+{{ include "qwen-serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: qwen-serve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Proxy: name and selector labels. */}}
+{{- define "qwen-serve.proxy.fullname" -}}
+{{- printf "%s-proxy" (include "qwen-serve.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "qwen-serve.proxy.selectorLabels" -}}
+{{ include "qwen-serve.selectorLabels" . }}
+app.kubernetes.io/component: proxy
+{{- end }}
+
+{{/* Engine: `dict "root" $ "name" <profile name>`. */}}
+{{- define "qwen-serve.engine.fullname" -}}
+{{- printf "%s-%s" (include "qwen-serve.fullname" .root | trunc 30 | trimSuffix "-") .name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Every engine pod of the release (NetworkPolicy, PodMonitor). */}}
+{{- define "qwen-serve.engine.componentLabels" -}}
+{{ include "qwen-serve.selectorLabels" . }}
+app.kubernetes.io/component: engine
+{{- end }}
+
+{{/* The pods of one model: `dict "root" $ "name" <profile name>`. */}}
+{{- define "qwen-serve.engine.selectorLabels" -}}
+{{ include "qwen-serve.engine.componentLabels" .root }}
+qwen-serve.io/model: {{ .name }}
+{{- end }}
+
+{{- define "qwen-serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "qwen-serve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* `dict "image" .Values.images.engine "root" $` */}}
+{{- define "qwen-serve.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{- define "qwen-serve.cacheClaimName" -}}
+{{- default (printf "%s-model-cache" (include "qwen-serve.fullname" .)) .Values.modelCache.existingClaim }}
+{{- end }}
+
+{{/*
+The enabled models, resolved once: the generated block (files/profiles.yaml, or the user's
+profileOverride printed by `python -m deploy chart-profiles --values`), the engine settings
+merged for the model, and the pod layout. Returned as YAML: `include ... | fromYaml`.
+Every refusal is here, with the model, the numbers and what to do.
+*/}}
+{{- define "qwen-serve.models" -}}
+{{- $shipped := (.Files.Get "files/profiles.yaml" | fromYaml).profiles | default dict }}
+{{- $known := keys $shipped | sortAlpha | join ", " }}
+{{- $out := dict }}
+{{- range $name, $model := .Values.models }}
+{{- if $model.enabled }}
+{{- $block := $model.profileOverride | default (index $shipped $name) }}
+{{- if not $block }}
+{{- fail (printf "models.%s: unknown model profile %q. Known profiles: %s. For a profile of your own, generate its block with `python -m deploy chart-profiles --profile path/to/%s.yaml --values`." $name $name $known $name) }}
+{{- end }}
+{{- if ne $block.name $name }}
+{{- fail (printf "models.%s.profileOverride is the block of profile %q: put it under models.%s, or regenerate it with `python -m deploy chart-profiles --profile %s --values`." $name $block.name $block.name $name) }}
+{{- end }}
+{{- $engine := mergeOverwrite (deepCopy $.Values.engine) ($model.engine | default dict) }}
+{{- $replicas := 1 }}
+{{- if hasKey $model "replicas" }}
+{{- $replicas = int $model.replicas }}
+{{- end }}
+{{- $perNode := int (($model.engine | default dict).gpusPerNode | default $block.gpusPerNode | default $.Values.engine.gpusPerNode) }}
+{{- $world := int $block.worldSize }}
+{{- $layout := dict "multiNode" false "nodes" 1 "gpusPerPod" $world }}
+{{- if gt $world $perNode }}
+{{- if ne $block.executor "ray" }}
+{{- fail (printf "models.%s: tensor %d x pipeline %d = %d GPUs, but a node has %d (gpusPerNode) and the profile's executor is %q, which runs on one node. Lower the parallelism, raise gpusPerNode, or use executor ray: python -m deploy chart-profiles --profile %s --set parallelism.executor=ray --values" $name (int $block.tensor) (int $block.pipeline) $world $perNode $block.executor $name) }}
+{{- end }}
+{{- if mod $world $perNode }}
+{{- fail (printf "models.%s: tensor %d x pipeline %d = %d GPUs do not split evenly over nodes of %d GPUs (gpusPerNode)." $name (int $block.tensor) (int $block.pipeline) $world $perNode) }}
+{{- end }}
+{{- if ne $replicas 1 }}
+{{- fail (printf "models.%s: replicas %d: a multi-node model (%d GPUs over nodes of %d) is one RayCluster; set replicas: 1." $name $replicas $world $perNode) }}
+{{- end }}
+{{- $layout = dict "multiNode" true "nodes" (div $world $perNode) "gpusPerPod" $perNode }}
+{{- end }}
+{{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout) }}
+{{- end }}
+{{- end }}
+{{- if not $out }}
+{{- fail (printf "no model is enabled: set models.<profile>.enabled=true for one of: %s" $known) }}
+{{- end }}
+{{- toYaml (dict "models" $out) }}
+{{- end }}
+
+{{/* The vLLM container's environment: `dict "root" $ "m" <resolved model>`. */}}
+{{- define "qwen-serve.engine.env" -}}
+{{- range $k, $v := .m.block.env }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+- name: HF_HOME
+  value: {{ .root.Values.modelCache.mountPath | quote }}
+{{- if .root.Values.huggingface.offline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- with .m.engine.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* CPU/memory from values plus nvidia.com/gpu = GPUs per pod. `dict "m" <resolved model>` */}}
+{{- define "qwen-serve.engine.resources" -}}
+{{- $res := deepCopy (.m.engine.resources | default dict) }}
+{{- $requests := $res.requests | default dict }}
+{{- $limits := $res.limits | default dict }}
+{{- $gpus := int .m.layout.gpusPerPod }}
+{{- $_ := set $requests "nvidia.com/gpu" $gpus }}
+{{- $_ := set $limits "nvidia.com/gpu" $gpus }}
+{{- toYaml (dict "requests" $requests "limits" $limits) }}
+{{- end }}
+
+{{/* The init container filling the Hugging Face cache once. `dict "root" $ "m" <resolved model>` */}}
+{{- define "qwen-serve.engine.download" -}}
+{{- $model := .m.block.model }}
+{{- if and .root.Values.modelCache.download.enabled (not (hasPrefix "/" $model)) (not (hasPrefix "." $model)) }}
+- name: download
+  image: {{ include "qwen-serve.image" (dict "image" .root.Values.images.engine "root" .root) }}
+  imagePullPolicy: {{ .root.Values.images.engine.pullPolicy }}
+  command: ["hf", "download", {{ $model | quote }}]
+  {{- with .root.Values.modelCache.download.extraArgs }}
+  args: {{ toJson . }}
+  {{- end }}
+  env:
+    - name: HF_HOME
+      value: {{ .root.Values.modelCache.mountPath | quote }}
+    {{- if .root.Values.huggingface.tokenSecretName }}
+    - name: HF_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ .root.Values.huggingface.tokenSecretName }}
+          key: {{ .root.Values.huggingface.tokenSecretKey }}
+    {{- end }}
+  volumeMounts:
+    - name: model-cache
+      mountPath: {{ .root.Values.modelCache.mountPath }}
+  securityContext: {{- toYaml .m.engine.securityContext | nindent 4 }}
+  {{- with .root.Values.modelCache.download.resources }}
+  resources: {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Probes on vLLM's /health. `dict "m" <resolved model>` */}}
+{{- define "qwen-serve.engine.probes" -}}
+{{- range $kind := list "startupProbe" "readinessProbe" "livenessProbe" }}
+{{- $p := index $.m.engine $kind }}
+{{ $kind }}:
+  httpGet:
+    path: /health
+    port: http
+  periodSeconds: {{ $p.periodSeconds }}
+  failureThreshold: {{ $p.failureThreshold }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes every engine pod has. `dict "root" $ "m" <resolved model>` */}}
+{{- define "qwen-serve.engine.volumes" -}}
+- name: model-cache
+  persistentVolumeClaim:
+    claimName: {{ include "qwen-serve.cacheClaimName" .root }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .m.engine.shm.sizeLimit }}
+{{- end }}
+
+{{- define "qwen-serve.engine.volumeMounts" -}}
+- name: model-cache
+  mountPath: {{ .root.Values.modelCache.mountPath }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{/* Scheduling of engine pods. `dict "root" $ "m" <resolved model>` */}}
+{{- define "qwen-serve.engine.scheduling" -}}
+serviceAccountName: {{ include "qwen-serve.serviceAccountName" .root }}
+automountServiceAccountToken: false
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .m.engine.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .m.engine.nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .m.engine.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .m.engine.affinity }}
+affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext: {{- toYaml .m.engine.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ .m.engine.terminationGracePeriodSeconds }}
+{{- end }}

@@ -1,0 +1,82 @@
+"""Bad values fail `helm template` with a message that names the key and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tests.k8s.chart import render, render_error
+
+
+def values_file(tmp_path: Path, data: dict[str, object]) -> Path:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_string_gpu_count_is_refused_by_the_schema(tmp_path: Path) -> None:
+    values = values_file(tmp_path, {"models": {"qwen3-4b-instruct-fp8": {"enabled": True}},
+                                    "engine": {"gpusPerNode": "2"}})
+    error = render_error([values])
+    assert "/engine/gpusPerNode" in error and "want integer" in error
+
+
+def test_string_gpu_count_per_model_is_refused(tmp_path: Path) -> None:
+    values = values_file(tmp_path, {"models": {"qwq-32b": {"enabled": True, "engine": {"gpusPerNode": "two"}}}})
+    error = render_error([values])
+    assert "/models/qwq-32b/engine/gpusPerNode" in error and "want integer" in error
+
+
+def test_unknown_model_profile_names_the_known_ones() -> None:
+    error = render_error(sets=["models.qwq-64b.enabled=true"])
+    assert 'models.qwq-64b: unknown model profile "qwq-64b"' in error
+    assert "Known profiles: qwen3-4b-instruct-fp8, qwen3-4b-thinking-fp8, qwq-32b, qwq-32b-short" in error
+
+
+def test_tensor_parallel_beyond_a_node_without_ray_is_refused() -> None:
+    error = render_error(sets=["models.qwq-32b-short.enabled=true", "engine.gpusPerNode=1"])
+    assert "models.qwq-32b-short: tensor 2 x pipeline 1 = 2 GPUs, but a node has 1 (gpusPerNode)" in error
+    assert 'executor is "mp"' in error
+
+
+def test_the_same_model_with_ray_spans_nodes() -> None:
+    docs = render(sets=["models.qwq-32b.enabled=true", "engine.gpusPerNode=1"])
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "RayCluster"] == ["qwen-qwen-serve-qwq-32b"]
+
+
+def test_uneven_split_over_nodes_is_refused(tmp_path: Path) -> None:
+    from deploy.chart import values_snippet
+
+    override = values_file(tmp_path, yaml.safe_load(values_snippet("qwq-32b", ["parallelism.tensor=3"])))
+    error = render_error([override], sets=["engine.gpusPerNode=2"])
+    assert "models.qwq-32b: tensor 3 x pipeline 1 = 3 GPUs do not split evenly over nodes of 2 GPUs" in error
+
+
+def test_replicas_of_a_multi_node_model_are_refused() -> None:
+    error = render_error(sets=["models.qwq-32b.enabled=true", "engine.gpusPerNode=1", "models.qwq-32b.replicas=2"])
+    assert "models.qwq-32b: replicas 2: a multi-node model" in error
+
+
+def test_unknown_top_level_key_is_refused() -> None:
+    error = render_error(sets=["models.qwq-32b.enabled=true", "modelcache.size=1Ti"])
+    assert "additional properties 'modelcache' not allowed" in error
+
+
+def test_unknown_second_level_key_is_refused() -> None:
+    error = render_error(sets=["models.qwq-32b.enabled=true", "engine.gpuPerNode=2"])
+    assert "additional properties 'gpuPerNode' not allowed" in error
+
+
+def test_no_model_enabled_is_refused() -> None:
+    error = render_error()
+    assert "no model is enabled: set models.<profile>.enabled=true for one of:" in error
+
+
+def test_override_block_under_the_wrong_model_is_refused(tmp_path: Path) -> None:
+    from deploy.chart import values_snippet
+
+    block = yaml.safe_load(values_snippet("qwq-32b", []))["models"]["qwq-32b"]
+    values = values_file(tmp_path, {"models": {"qwq-32b-short": block}})
+    error = render_error([values])
+    assert 'models.qwq-32b-short.profileOverride is the block of profile "qwq-32b"' in error
