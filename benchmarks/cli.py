@@ -240,12 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument("--base-url", default="http://127.0.0.1:8100")
     cross.add_argument("--model", required=True)
     cross.add_argument("--tokenizer")
-    cross.add_argument("--num-requests", type=positive_int, default=48)
-    cross.add_argument("--concurrency", type=positive_int, default=4)
-    cross.add_argument("--input-len", type=positive_int, default=128)
+    cross.add_argument("--num-requests", type=positive_int, default=96)
+    cross.add_argument("--concurrency", type=positive_int, default=2, help="per tool (both run at once)")
+    cross.add_argument("--input-len", type=positive_int, default=1024)
     cross.add_argument("--output-len", type=positive_int, default=64)
-    cross.add_argument("--rounds", type=positive_int, default=2, help="alternating rounds of each tool")
-    cross.add_argument("--tolerance", type=positive_float, default=0.10)
+    cross.add_argument("--tolerance", type=positive_float, default=0.10, help="relative, default 10%%")
+    cross.add_argument("--slack-ms", type=float, default=0.0,
+                       help="also accept medians this many ms apart (a tiny model's TTFT is a few engine steps)")
     cross.set_defaults(func=cmd_crosscheck)
     return parser
 

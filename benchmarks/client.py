@@ -45,14 +45,19 @@ def _usage(record: RequestRecord, usage: dict[str, Any]) -> None:
     record.reasoning_tokens = details.get("reasoning_tokens")
 
 
-def _text_of(choice: dict[str, Any], chat: bool) -> tuple[bool, bool]:
-    """(carries answer text, carries reasoning text) for one streamed choice."""
+def _event_of(choice: dict[str, Any], chat: bool) -> tuple[bool, bool]:
+    """(carries reasoning, carries visible answer text) for one streamed choice.
+
+    Every chunk with a choice is a token event, even with empty text: vLLM sends one per
+    generated token and its detokenizer holds back the text of a token that ends inside a
+    multi-byte character (as `vllm bench serve` counts them).
+    """
     if not chat:
-        return bool(choice.get("text")), False
+        return False, bool(choice.get("text"))
     delta = choice.get("delta") or {}
     # vLLM renamed reasoning_content to reasoning; read both.
-    reasoning = bool(delta.get("reasoning") or delta.get("reasoning_content"))
-    return bool(delta.get("content")), reasoning
+    reasoning = delta.get("reasoning") is not None or delta.get("reasoning_content") is not None
+    return reasoning and not delta.get("content"), bool(delta.get("content"))
 
 
 async def send(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[str, Any],
@@ -89,16 +94,15 @@ async def send(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[st
                         return record
                     choices = data.get("choices")
                     if choices:
-                        answer, reasoning = _text_of(choices[0], chat)
-                        if answer or reasoning:
-                            record.token_times.append(now)
-                            record.end = now
-                            if answer:
-                                record.answer_chunks += 1
-                                if record.first_answer_time is None:
-                                    record.first_answer_time = now
-                            else:
-                                record.reasoning_chunks += 1
+                        reasoning, answer = _event_of(choices[0], chat)
+                        record.token_times.append(now)
+                        record.end = now
+                        if reasoning:
+                            record.reasoning_chunks += 1
+                        else:
+                            record.answer_chunks += 1
+                        if answer and record.first_answer_time is None:
+                            record.first_answer_time = now
                     usage = data.get("usage")
                     if usage:
                         _usage(record, usage)

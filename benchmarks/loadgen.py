@@ -58,8 +58,10 @@ def connector() -> aiohttp.TCPConnector:
 
 async def run(endpoint: Endpoint, bodies: Sequence[dict[str, Any]], pattern: Pattern,
               duration_s: float | None = None, seed: int = 0,
-              on_done: Callable[[RequestRecord], None] | None = None) -> list[RequestRecord]:
-    """Send `bodies` in order under `pattern`; stop issuing new ones after `duration_s`.
+              on_done: Callable[[RequestRecord], None] | None = None,
+              stop: Callable[[], bool] | None = None) -> list[RequestRecord]:
+    """Send `bodies` in order under `pattern`; stop issuing new ones after `duration_s` or
+    once `stop()` is true.
 
     Requests in flight at the deadline are awaited and counted: cutting them off would bias
     the latency figures towards short requests.
@@ -76,7 +78,7 @@ async def run(endpoint: Endpoint, bodies: Sequence[dict[str, Any]], pattern: Pat
                 on_done(record)
 
         def expired() -> bool:
-            return deadline is not None and time.perf_counter() >= deadline
+            return (deadline is not None and time.perf_counter() >= deadline) or (stop is not None and stop())
 
         if pattern.rate is None:
             queue = iter(range(len(bodies)))

@@ -10,8 +10,9 @@ from typing import Any
 class RequestRecord:
     """One request, as the client saw it. Times are seconds from `start` (perf_counter based).
 
-    `token_times` holds the arrival time of every streamed chunk that carried generated text
-    (answer or reasoning); the first is the TTFT. Token counts come from the server's usage.
+    `token_times` holds the arrival time of every streamed token chunk (a chunk with a choice:
+    answer or reasoning, its text possibly held back by the server's detokenizer); the first
+    is the TTFT. Token counts come from the server's usage.
     """
 
     index: int
@@ -20,7 +21,7 @@ class RequestRecord:
     error: str | None = None                 # error type: http_400, timeout, connection, ...
     error_detail: str | None = None
     token_times: list[float] = field(default_factory=list)
-    first_answer_time: float | None = None   # first chunk carrying answer (not reasoning) text
+    first_answer_time: float | None = None   # first chunk with visible answer text
     reasoning_chunks: int = 0
     answer_chunks: int = 0
     end: float | None = None                 # the last token-bearing chunk (or the body, unstreamed)

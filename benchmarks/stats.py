@@ -1,11 +1,13 @@
 """Benchmark figures from request records: pure functions, each metric defined once.
 
 Definitions (the README repeats them):
-- TTFT: request sent -> first chunk carrying generated text (answer or reasoning).
-- E2E latency: request sent -> last chunk carrying generated text (as `vllm bench serve`).
+- Token chunk: a streamed chunk with a choice (answer or reasoning); vLLM sends one per generated
+  token, with empty text while its detokenizer holds back part of a multi-byte character.
+- TTFT: request sent -> first token chunk (as `vllm bench serve`).
+- E2E latency: request sent -> last token chunk (as `vllm bench serve`).
 - TPOT (per request): (E2E - TTFT) / (completion_tokens - 1), completion_tokens from the
   server's usage; requests with fewer than 2 output tokens have none (as `vllm bench serve`).
-- ITL: every gap between consecutive text-bearing chunks, pooled over requests (a chunk holding
+- ITL: every gap between consecutive token chunks, pooled over requests (a chunk holding
   several tokens is one gap, as `vllm bench serve`).
 - Duration: first measured request sent -> last measured request finished.
 - Throughputs: totals over the duration; tokens from the server's usage.

@@ -64,7 +64,7 @@ def test_dry_run_prints_the_argv_and_starts_nothing(tiny_model_dir: Path) -> Non
     payload, _ = json.JSONDecoder().raw_decode(result.stdout)
     assert payload["argv"][1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert payload["argv"][payload["argv"].index("--port") + 1] == "8199"
-    assert payload["env"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert payload["env"] == {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 SUPERVISED = textwrap.dedent("""

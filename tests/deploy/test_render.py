@@ -53,9 +53,9 @@ def test_engine_args_escape_hatch() -> None:
 def test_port_and_env() -> None:
     command = server_command(load_profile("tiny-qwen3"), port=9123)
     assert command.argv[command.argv.index("--port") + 1] == "9123"
-    assert command.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    assert command.shell_line().startswith("VLLM_CPU_KVCACHE_SPACE=1 ")
-    assert shlex.split(command.shell_line())[1:] == command.argv
+    assert command.env == {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    assert command.shell_line().startswith("OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind ")
+    assert shlex.split(command.shell_line())[len(command.env):] == command.argv
 
 
 def test_cli_render_prints_json_and_shell_deterministically() -> None:
