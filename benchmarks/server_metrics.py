@@ -75,9 +75,23 @@ class Scraper:
             if name in values:
                 self.peaks[name] = max(self.peaks.get(name, 0.0), values[name])
 
+    async def _settled(self, session: aiohttp.ClientSession, settle_s: float = 3.0) -> dict[str, float]:
+        """Scrape until the counters stop moving: servers count a request just after its last
+        byte, so a scrape right at the edge of a run would split requests across it."""
+        deadline = asyncio.get_running_loop().time() + settle_s
+        counters = (*VLLM_COUNTERS, *PROXY_COUNTERS)
+        previous = await self._get(session)
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # polling the server's counters, bounded by settle_s
+            current = await self._get(session)
+            if all(current.get(k) == previous.get(k) for k in counters):
+                return current
+            previous = current
+        return previous
+
     async def start(self, session: aiohttp.ClientSession) -> None:
         try:
-            self.before = await self._get(session)
+            self.before = await self._settled(session)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             return
@@ -98,8 +112,8 @@ class Scraper:
         return float("inf")
 
     async def stop(self, session: aiohttp.ClientSession, requests: int, settle_s: float = 3.0) -> None:
-        """The final scrape, once the server has counted all `requests` (servers update their
-        counters just after the last byte, so a scrape right then can miss the last requests)."""
+        """The final scrape, once the server has counted at least `requests` and its counters
+        stopped moving."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -107,16 +121,14 @@ class Scraper:
         if self.error is not None:
             return
         deadline = asyncio.get_running_loop().time() + settle_s
-        while True:
-            try:
-                self.after = await self._get(session)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
-                return
-            self._note_peaks(self.after)
-            if self._requests_counted() >= requests or asyncio.get_running_loop().time() > deadline:
-                return
-            await asyncio.sleep(0.05)  # polling the server's counters, bounded by settle_s
+        try:
+            while True:
+                self.after = await self._settled(session, settle_s)
+                self._note_peaks(self.after)
+                if self._requests_counted() >= requests or asyncio.get_running_loop().time() > deadline:
+                    return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
 
     def report(self) -> dict[str, Any]:
         if self.error is not None:
