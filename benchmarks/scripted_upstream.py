@@ -8,6 +8,7 @@ proxy forwards like any other field), comma-separated:
   "script": "first-byte-delay=S" wait S seconds before the response starts (a slow prefill)
   "script": "stall-after=N"      stop sending after N token events, keep the connection open
   "script": "reasoning=N"        the first N token events are reasoning deltas
+  "script": "linger-after-done=S" wait S seconds after [DONE] before ending the body
 
 `python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0]`; GET /stats returns counters
 (requests, disconnects seen) so tests can prove the proxy closed the upstream request.
@@ -107,6 +108,8 @@ class Upstream:
                          "model": MODEL, "choices": [], "usage": usage}
                 await response.write(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
+            if "linger-after-done" in script:
+                await asyncio.sleep(script["linger-after-done"])
             await response.write_eof()
             return response
         except (asyncio.CancelledError, ConnectionResetError):

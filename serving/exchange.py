@@ -161,20 +161,24 @@ class Exchange:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *self._our_headers()]})
         idle = self.timeouts.idle_seconds
         content = response.content
-        while True:
+        while not relay.saw_done:
             data = await content.readany()
             if not data:
-                break
+                # vLLM always ends with [DONE]: a stream without it was cut by the backend.
+                raise aiohttp.ClientPayloadError("stream ended without [DONE]")
             deadline.reschedule(loop.time() + idle)
             out = relay.feed(data)
-            if out:
+            if relay.saw_done:
+                # Count and finish at [DONE], not at the backend's end of body: a client may
+                # close its connection as soon as it reads [DONE], which cancels this exchange.
+                relay.usage.record(self.metrics, self.route.served_name)
+                out += relay.leftover()
+                await send({"type": "http.response.body", "body": out, "more_body": False})
+            elif out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-        tail = relay.leftover()
-        if not relay.saw_done:
-            # vLLM always ends with [DONE]: a stream without it was cut by the backend.
-            raise aiohttp.ClientPayloadError("stream ended without [DONE]")
-        relay.usage.record(self.metrics, self.route.served_name)
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        # Drain the backend's end of body so its keep-alive connection is reused.
+        while await content.readany():
+            pass
         return 200
 
     async def _raw(self, response: aiohttp.ClientResponse, send: Send, deadline: asyncio.Timeout,

@@ -203,6 +203,22 @@ def test_idle_timeout_ends_the_stream_with_an_error_event(proxy: Callable[..., S
     assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_timeout"
 
 
+def test_stream_ends_and_is_counted_at_done_even_if_the_backend_lingers(
+        proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
+    """A client may close as soon as it reads [DONE] (benchmark clients do). The proxy ends the
+    response there and counts the usage then, not when the backend finally closes its body."""
+    service = single(proxy, upstream())
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 7, "stream": True,
+            "stream_options": {"include_usage": True}, "script": "linger-after-done=5"}
+    started = time.monotonic()
+    with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+        events = [line for line in response.iter_lines() if line]   # reads to the end of the body
+    assert events[-1] == "data: [DONE]"
+    assert time.monotonic() - started < 4, "the proxy held the response until the backend's end of body"
+    sample = 'qwen_proxy_completion_tokens_total{model="tiny-qwen3"}'
+    assert metric(service, sample) == 7
+
+
 # ---- graceful shutdown ----------------------------------------------------------------------------
 
 def test_sigterm_drains_streams_in_flight(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
