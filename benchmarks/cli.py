@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument("--input-len", type=positive_int, default=1024)
     cross.add_argument("--output-len", type=positive_int, default=64)
     cross.add_argument("--tolerance", type=positive_float, default=0.10, help="relative, default 10%%")
-    cross.add_argument("--slack-ms", type=float, default=0.0,
-                       help="also accept medians this many ms apart (a tiny model's TTFT is a few engine steps)")
+    cross.add_argument("--ttft-slack-ms", type=float, default=0.0,
+                       help="also accept TTFT medians this many ms apart (a tiny model's TTFT is a few engine steps)")
     cross.set_defaults(func=cmd_crosscheck)
     return parser
 

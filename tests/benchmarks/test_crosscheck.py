@@ -1,8 +1,9 @@
 """Our figures agree with `vllm bench serve` (shipped with the pinned vLLM) on the same server,
 prompts, sampling and concurrency, both at once: median TTFT and TPOT within 10%. The tiny model's
-median TTFT is ~20-50 ms, a few engine steps on 2 cores, and `vllm bench serve` reads it 2-11 ms
-higher side by side here, so medians may also be within 15 ms (a definition mismatch, such as
-counting only chunks with visible text, moved TTFT by 70-500 ms and fails this)."""
+median TTFT is ~20-50 ms, a few engine steps on 2 cores, and `vllm bench serve` (a heavier client
+process) reads it 2-20 ms higher than we do side by side here, so TTFT medians may also be within
+25 ms. TPOT must be within 10%. A definition mismatch, such as counting only chunks with visible
+text, moved TTFT by 70-500 ms and fails this."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 def test_medians_agree_with_vllm_bench_serve(vllm_server: RunningServer) -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "crosscheck", "--base-url", vllm_server.base_url,
-                           "--model", "tiny-qwen3", "--slack-ms", "15"],
+                           "--model", "tiny-qwen3", "--ttft-slack-ms", "25"],
                           check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     report = done.stdout + done.stderr[-2000:]
     assert "median TTFT: ours" in done.stdout and "median TPOT: ours" in done.stdout, report
