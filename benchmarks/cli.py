@@ -93,7 +93,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
     work = p.add_argument_group("workload")
     work.add_argument("--workload", choices=WORKLOADS, default="synthetic")
-    work.add_argument("--input-len", type=positive_int, default=256, help="input tokens (chat template included)")
+    work.add_argument("--input-len", type=positive_int,
+                      help="input tokens, chat template included (default 256; long-context: 100000, capped "
+                           "to the profile's max_model_len)")
     work.add_argument("--input-dist", choices=["fixed", "uniform", "normal"], default="fixed")
     work.add_argument("--input-spread", type=float, default=0.0, help="uniform: +-fraction; normal: sd/mean")
     work.add_argument("--output-len", type=positive_int, default=None,
@@ -118,9 +120,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--max-concurrency", type=positive_int, help="cap in-flight requests under --rate")
     load.add_argument("--sweep-rates", type=number_list(rate), help="comma-separated rates, one run each")
     load.add_argument("--sweep-concurrency", type=number_list(positive_int), help="comma-separated concurrencies")
-    load.add_argument("--num-requests", type=positive_int, default=100, help="measured requests per load point")
+    load.add_argument("--num-requests", type=positive_int,
+                      help="measured requests per load point (default 100; long-context: 4)")
     load.add_argument("--duration", type=positive_float, help="stop issuing requests after this many seconds")
-    load.add_argument("--warmup", type=int, default=4, help="requests sent first and left out of the figures")
+    load.add_argument("--warmup", type=int,
+                      help="requests sent first and left out of the figures (default 4; long-context: 1)")
     load.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                       help="skip measuring the client's own ceiling (~2 s)")
 
@@ -148,11 +152,14 @@ def patterns(args: argparse.Namespace) -> list[Pattern]:
 
 
 def config_from(args: argparse.Namespace) -> BenchConfig:
+    long_context = args.workload == "long-context"
     natural = args.natural_output or (args.output_len is None and args.workload in ("reasoning", "jsonl"))
     return BenchConfig(
         base_url=args.base_url.rstrip("/").removesuffix("/v1"), model=args.model, workload=args.workload,
-        api=args.api, stream=args.stream, num_requests=args.num_requests, duration_s=args.duration,
-        warmup=max(args.warmup, 0), patterns=patterns(args), input_len=args.input_len,
+        api=args.api, stream=args.stream, num_requests=args.num_requests or (4 if long_context else 100),
+        duration_s=args.duration, warmup=max(args.warmup if args.warmup is not None else (1 if long_context else 4), 0),
+        patterns=patterns(args),
+        input_len=args.input_len or (100_000 if long_context else 256),
         input_dist=args.input_dist, input_spread=args.input_spread,
         output_len=None if natural else (args.output_len or 128),
         output_dist=args.output_dist, output_spread=args.output_spread, prefix_len=args.prefix_len,

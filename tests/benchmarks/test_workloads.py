@@ -123,3 +123,18 @@ def test_bodies_carry_no_sampling_fields_unless_asked() -> None:
     assert set(body) == {"model", "stream", "messages", "stream_options", "max_tokens", "ignore_eos"}
     assert spec.body("m", "chat", True, {"temperature": 0.6})["temperature"] == 0.6
     assert spec.body("m", "completions", False, {})["prompt"] == "x"
+
+
+def test_long_context_defaults_to_100k_capped_by_the_profile(tiny_model_dir: Path, tokenizer: Any) -> None:
+    from benchmarks.cli import build_parser, config_from
+    from benchmarks.runner import build_workload, find_profile
+
+    config = config_from(build_parser().parse_args(["run", "--model", "tiny-qwen3", "--workload", "long-context"]))
+    assert (config.input_len, config.num_requests, config.warmup) == (100_000, 4, 1)
+    profile = find_profile("tiny-qwen3")
+    assert profile is not None
+    config.tokenizer = str(tiny_model_dir)
+    specs = build_workload(config, profile, 2)
+    # The tiny profile's context is 2,048 tokens: the prompt fills it, leaving room for the output.
+    expected = profile.max_model_len - 128 - 64
+    assert [chat_tokens(tokenizer, s) for s in specs] == [expected, expected]
