@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.client import Endpoint
 from benchmarks.records import RequestRecord
-from benchmarks.runner import BenchConfig, BenchError, build_workload, find_profile, served_models
+from benchmarks.runner import BenchConfig, BenchError, build_workload, resolve_model, tokenizer_source
 from benchmarks.stats import summarize
 
 # Explicit and identical on both sides: vllm bench serve would otherwise send temperature 0.
@@ -62,14 +62,8 @@ def their_argv(args: argparse.Namespace, model: str, tokenizer: str, dataset: Pa
 
 def main(args: argparse.Namespace) -> int:
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
-    served = served_models(base_url, None)
-    profile = find_profile(args.model)
-    model = args.model if args.model in served else (profile.served_model_name if profile else args.model)
-    if model not in served:
-        raise BenchError(f"model {args.model!r} is not served at {base_url}; it serves: {', '.join(served)}")
-    tokenizer = args.tokenizer or (str(profile.model_path or profile.model) if profile else None)
-    if tokenizer is None:
-        raise BenchError("give --tokenizer for a model without a profile")
+    model, profile = resolve_model(base_url, args.model, None)
+    tokenizer = tokenizer_source(args.model, args.tokenizer, profile)
     config = BenchConfig(base_url=base_url, model=model, input_len=args.input_len, output_len=args.output_len,
                          tokenizer=tokenizer, sampling=SAMPLING, calibrate=False)
     # Their half, then ours: distinct prompts (no prefix-cache hits between the tools), same lengths.

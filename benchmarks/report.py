@@ -102,10 +102,21 @@ def result_stem(result: dict[str, Any]) -> str:
     return f"{created}-{model}-{result['config']['workload']}"
 
 
+def _strict(value: Any) -> Any:
+    """NaN (a figure with no samples) as null: strict JSON readers reject NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write(result: dict[str, Any], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{result_stem(result)}.json"
-    path.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    path.write_text(json.dumps(_strict(result), indent=1, allow_nan=False) + "\n")
     return path
 
 

@@ -103,13 +103,29 @@ def served_models(base_url: str, api_key: str | None) -> list[str]:
                          "OpenAI-compatible server?") from None
 
 
+def resolve_model(base_url: str, model: str, api_key: str | None) -> tuple[str, Profile | None]:
+    """The name to send for `model` (a served name, alias or profile name) and its profile."""
+    served = served_models(base_url, api_key)
+    profile = find_profile(model)
+    name = model
+    if name not in served and profile is not None:
+        name = next((n for n in (profile.served_model_name, *profile.alias_names) if n in served), name)
+    if name not in served:
+        raise BenchError(f"model {model!r} is not served at {base_url}; it serves: {', '.join(served) or 'nothing'}")
+    return name, profile
+
+
+def tokenizer_source(model: str, override: str | None, profile: Profile | None) -> str:
+    if override is not None:
+        return override
+    if profile is not None:
+        return str(profile.model_path) if profile.model_path else profile.model
+    raise BenchError(f"model {model!r} has no profile in configs/models/: give --tokenizer "
+                     "(a local path or a Hugging Face id) to count input tokens")
+
+
 def load_tokenizer(config: BenchConfig, profile: Profile | None) -> Any:
-    source = config.tokenizer
-    if source is None and profile is not None:
-        source = str(profile.model_path) if profile.model_path else profile.model
-    if source is None:
-        raise BenchError(f"model {config.model!r} has no profile in configs/models/: give --tokenizer "
-                         "(a local path or a Hugging Face id) to count input tokens")
+    source = tokenizer_source(config.model, config.tokenizer, profile)
     from transformers import AutoTokenizer
 
     try:
@@ -174,14 +190,7 @@ async def _measure(endpoint: Endpoint, bodies: list[dict[str, Any]], pattern: lo
 
 
 def run(config: BenchConfig, progress_factory: Any = None) -> dict[str, Any]:
-    served = served_models(config.base_url, config.api_key)
-    profile = find_profile(config.model)
-    name = config.model
-    if name not in served and profile is not None:
-        name = next((n for n in (profile.served_model_name, *profile.alias_names) if n in served), name)
-    if name not in served:
-        raise BenchError(f"model {config.model!r} is not served at {config.base_url}; it serves: "
-                         f"{', '.join(served) or 'nothing'}")
+    name, profile = resolve_model(config.base_url, config.model, config.api_key)
     endpoint = Endpoint(config.base_url, name, config.api, config.stream, config.api_key, config.timeout_s)
     # Servers label metrics with the served name, proxies perhaps with an alias: accept all of them.
     names = frozenset({name, *((profile.served_model_name, *profile.alias_names) if profile else ())})

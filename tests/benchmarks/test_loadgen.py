@@ -84,10 +84,10 @@ def test_http_errors_and_refused_connections_are_typed(upstream: Service) -> Non
     assert summarize([r])["errors"] == {"connection_refused": 1}
 
 
-def test_closed_loop_never_exceeds_its_concurrency(upstream: Service) -> None:
+def peak_in_flight(endpoint: Endpoint, bodies: list[dict[str, Any]], pattern: loadgen.Pattern) -> int:
+    """Run the pattern, counting the requests in flight at once."""
     in_flight = 0
     peak = 0
-    endpoint = Endpoint(upstream.base_url, "tiny-qwen3")
 
     async def main() -> list[RequestRecord]:
         original = loadgen.send
@@ -103,13 +103,25 @@ def test_closed_loop_never_exceeds_its_concurrency(upstream: Service) -> None:
 
         loadgen.send = counting  # type: ignore[assignment]
         try:
-            return await loadgen.run(endpoint, [body(tokens=4)] * 30, loadgen.Pattern(concurrency=3))
+            return await loadgen.run(endpoint, bodies, pattern)
         finally:
             loadgen.send = original  # type: ignore[assignment]
 
     records = asyncio.run(main())
-    assert len(records) == 30 and all(r.ok for r in records)
-    assert peak == 3
+    assert len(records) == len(bodies) and all(r.ok for r in records)
+    return peak
+
+
+def test_closed_loop_never_exceeds_its_concurrency(upstream: Service) -> None:
+    endpoint = Endpoint(upstream.base_url, "tiny-qwen3")
+    assert peak_in_flight(endpoint, [body(tokens=4)] * 30, loadgen.Pattern(concurrency=3)) == 3
+
+
+def test_max_concurrency_caps_an_open_loop(upstream: Service) -> None:
+    endpoint = Endpoint(upstream.base_url, "tiny-qwen3")
+    bodies = [body(tokens=8)] * 20
+    assert peak_in_flight(endpoint, bodies, loadgen.Pattern(concurrency=2, rate=math.inf)) == 2
+    assert peak_in_flight(endpoint, bodies, loadgen.Pattern(rate=math.inf)) > 2   # uncapped: all at once
 
 
 def test_duration_bound_stops_issuing(upstream: Service) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from deploy.paths import REPO_ROOT
+from tests.k8s.chart import helm_binary
 
 CHART = REPO_ROOT / "k8s" / "qwen-serve"
 DASHBOARD = CHART / "files" / "grafana-dashboard.json"
@@ -21,7 +22,6 @@ OBSERVABILITY = REPO_ROOT / "k8s" / "observability"
 RULES = OBSERVABILITY / "alerts.rules.yaml"
 RULES_TESTS = OBSERVABILITY / "alerts.test.yaml"
 PROMETHEUS_BIN = REPO_ROOT / ".cache" / "prometheus" / "usr" / "bin"
-HELM = REPO_ROOT / ".cache" / "bin" / "helm"
 
 
 def load_script(name: str) -> ModuleType:
@@ -51,7 +51,7 @@ def prometheus_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
-    return _tool(HELM, "run make helm")
+    return helm_binary()
 
 
 @pytest.fixture(scope="session")
