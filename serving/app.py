@@ -1,4 +1,4 @@
-"""The proxy as a raw ASGI app: routing, auth, limits, then one exchange with a vLLM backend."""
+"""The proxy's request handler: routing, auth, limits, then one exchange with a vLLM backend."""
 
 from __future__ import annotations
 
@@ -7,44 +7,30 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from serving.auth import KeyCheck, RateLimiter
 from serving.config import ProxyConfig, Route, build_routes, load_api_keys
 from serving.errors import ApiError, error_body
 from serving.exchange import Exchange
+from serving.httpserver import Request, Response
 from serving.metrics import Metrics, status_class
 from serving.shaping import shape
 from serving.upstream import Pool, check_all, health_loop
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 ROUTE_LABELS = {CHAT: "chat", COMPLETIONS: "completions", "/v1/models": "models"}
-JSON_HEADERS = [(b"content-type", b"application/json")]
+JSON = b"application/json"
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
-UPSTREAM_KEEPALIVE_SECONDS = 4.0
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
-
-
-async def send_json(send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+def send_json(response: Response, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
     extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]})
-    await send({"type": "http.response.body", "body": body})
+    response.send(status, [(b"content-type", JSON), *extra], body)
 
 
 class ProxyApp:
@@ -62,81 +48,58 @@ class ProxyApp:
             self.pools[name] = pools_by_entry[key]
         self.keys = KeyCheck(load_api_keys(config.auth, environ))
         self.limiter = RateLimiter(config.limits.requests_per_minute_per_key)
-        self.session: aiohttp.ClientSession | None = None
         self.draining = False
         self.active = 0
         self._health_task: asyncio.Task[None] | None = None
         self._models_body = self._models_listing()
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def _unique_pools(self) -> list[Pool]:
+        return list({id(p): p for p in self.pools.values()}.values())
+
     async def startup(self) -> None:
-        # vLLM's server closes idle keep-alive connections after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
-        # dropping ours first avoids sending a request down a connection it is closing.
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        unique = list({id(p): p for p in self.pools.values()}.values())
-        await check_all(self.session, unique)
-        self._health_task = asyncio.create_task(
-            health_loop(self.session, unique, self.config.health_interval_seconds))
+        for pool in self._unique_pools:
+            for backend in pool.backends:
+                backend.open()
+        await check_all(self._unique_pools)
+        self._health_task = asyncio.create_task(health_loop(self._unique_pools, self.config.health_interval_seconds))
 
     async def shutdown(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        if self.session is not None:
-            await self.session.close()
+        for pool in self._unique_pools:
+            for backend in pool.backends:
+                backend.connections.close()
 
     @property
     def ready(self) -> bool:
         return not self.draining and all(pool.any_healthy for pool in self.pools.values())
 
-    # ---- ASGI --------------------------------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        path = scope["path"]
+    # ---- requests ----------------------------------------------------------------------------
+    async def handle(self, request: Request, response: Response) -> None:
+        path = request.path
         if path.startswith("/v1/"):
             self.active += 1
             try:
-                await self._api(scope, receive, send, path)
+                await self._api(request, response, path)
             finally:
                 self.active -= 1
         elif path == "/health":
-            await send_json(send, 200, b'{"status":"ok"}')
+            send_json(response, 200, b'{"status":"ok"}')
         elif path == "/ready":
             ok = self.ready
             detail = {name: pool.any_healthy for name, pool in self.pools.items()}
             body = json.dumps({"ready": ok, "draining": self.draining, "models": detail}).encode()
-            await send_json(send, 200 if ok else 503, body)
+            send_json(response, 200 if ok else 503, body)
         elif path == "/metrics":
-            payload = generate_latest(self.metrics.registry)
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
-            await send({"type": "http.response.body", "body": payload})
+            response.send(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self.metrics.registry))
         else:
-            await send_json(send, 404, error_body(404, f"no such path: {path}"))
+            send_json(response, 404, error_body(404, f"no such path: {path}"))
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    # ---- /v1 ---------------------------------------------------------------------------------
-    async def _api(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+    async def _api(self, request: Request, response: Response, path: str) -> None:
         start = time.perf_counter()
         route_label = ROUTE_LABELS.get(path, "other")
         model_label = "unknown"
@@ -147,18 +110,18 @@ class ProxyApp:
                 raise ApiError(503, "the proxy is shutting down: retry on another replica",
                                headers={"retry-after": "1"})
             try:
-                caller = self.keys.identify(_header(scope, b"authorization"))
+                caller = self.keys.identify(request.header(b"authorization"))
                 self.limiter.check(caller)
             except ApiError as exc:
                 self.metrics.rejected.labels("auth" if exc.status == 401 else "rate_limit").inc()
                 raise
-            if path == "/v1/models" and scope["method"] == "GET":
-                await send_json(send, 200, self._models_body)
+            if path == "/v1/models" and request.method == "GET":
+                send_json(response, 200, self._models_body)
                 status = 200
                 return
-            if scope["method"] != "POST":
-                raise ApiError(404, f"no such endpoint: {scope['method']} {path}")
-            raw = await self._read_body(scope, receive)
+            if request.method != "POST":
+                raise ApiError(404, f"no such endpoint: {request.method} {path}")
+            raw = self._body(request)
             data = self._parse(raw)
             route = self._route_for(data, known_path=path in (CHAT, COMPLETIONS))
             model_label = route.served_name
@@ -180,52 +143,29 @@ class ProxyApp:
             else:
                 shaped = None
             exchange = Exchange(self, route, self.pools[route.name], path, shaped, raw, start)
-            status = await self._watch_client(exchange.run(send), receive)
+            status = await exchange.run(response)
         except ApiError as exc:
             status = exc.status
-            await send_json(send, exc.status, exc.body(), exc.headers)
+            if response.started:
+                raise  # cannot happen: errors after the start are SSE events
+            send_json(response, exc.status, exc.body(), exc.headers)
+        except asyncio.CancelledError:
+            # The client went away; the exchange closed its backend request, so vLLM aborts it.
+            status = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.requests.labels(model_label, route_label, status_class(status)).inc()
             self.metrics.duration.labels(model_label, route_label).observe(time.perf_counter() - start)
 
-    async def _watch_client(self, work: Awaitable[int], receive: Receive) -> int:
-        """Run the exchange; if the client goes away first, cancel it so the backend aborts too."""
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(self._disconnected(receive))
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            watcher.cancel()
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return CLIENT_CLOSED
-
-    @staticmethod
-    async def _disconnected(receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self.config.limits.max_body_bytes
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+    def _body(self, request: Request) -> bytes:
+        if request.body_too_large:
+            limit = self.config.limits.max_body_bytes
             self.metrics.rejected.labels("body_too_large").inc()
-            raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "client disconnected while sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                self.metrics.rejected.labels("body_too_large").inc()
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+            if request.declared_length is not None and request.declared_length > limit:
+                raise ApiError(413, f"request body of {request.declared_length} bytes exceeds the limit of "
+                                    f"{limit} bytes")
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        return request.body
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:

@@ -2,18 +2,22 @@
 
 A connection failure before anything was sent to the client is retried on another healthy
 backend; once the response has started, never (the client would get a spliced answer).
+
+A streamed response is relayed inside the backend connection's `data_received`: each read goes
+through the relay and onto the client's transport in the same turn of the event loop, with no
+task switch, future or message object per token. When the client cannot keep up, reading from
+the backend pauses until it can.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from serving.errors import ApiError, sse_error_event
+from serving.httpclient import BackendConnection, ConnectFailed, ConnectionReset
+from serving.httpserver import Headers, Response
 from serving.relay import StreamRelay, Usage, rewrite_json_response
 from serving.shaping import Shaped
 from serving.upstream import Backend, Pool
@@ -22,15 +26,17 @@ if TYPE_CHECKING:
     from serving.app import ProxyApp
     from serving.config import Route
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-               (b"x-accel-buffering", b"no")]
-UPSTREAM_HEADERS = {"content-type": "application/json"}
+SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no")]
 MAX_STALE_RETRIES = 3
 
 
 class StaleConnection(Exception):
     """The connection failed before the backend answered: safe to send the request again."""
+
+
+class BackendStalled(Exception):
+    """No byte from the backend within the configured time."""
 
 
 class Exchange:
@@ -46,9 +52,8 @@ class Exchange:
         self.start = start
         self.timeouts = route.entry.timeouts
         self.started = False  # response start sent to the client: no retry after this
-        self.send: Send
 
-    def _our_headers(self) -> list[tuple[bytes, bytes]]:
+    def _our_headers(self) -> Headers:
         if self.shaped is None:
             return []
         headers = []
@@ -58,8 +63,7 @@ class Exchange:
             headers.append((b"x-qwen-warning", "; ".join(self.shaped.warnings).encode()))
         return headers
 
-    async def run(self, send: Send) -> int:
-        self.send = send
+    async def run(self, response: Response) -> int:
         model = self.route.served_name
         in_flight = self.metrics.in_flight.labels(model)
         in_flight.inc()
@@ -74,8 +78,8 @@ class Exchange:
                                    headers={"retry-after": "2"})
                 backend.in_flight += 1
                 try:
-                    return await self._with_backend(backend, send)
-                except aiohttp.ClientConnectorError:
+                    return await self._with_backend(backend, response)
+                except ConnectFailed:
                     # Nothing listens there: the backend is down for everyone until its /health answers.
                     self.metrics.upstream_errors.labels(model, "connect").inc()
                     self.pool.set_health(backend, False)
@@ -92,107 +96,173 @@ class Exchange:
         finally:
             in_flight.dec()
 
-    async def _with_backend(self, backend: Backend, send: Send) -> int:
+    async def _with_backend(self, backend: Backend, response: Response) -> int:
         model = self.route.served_name
-        session = self.app.session
-        assert session is not None, "the proxy is not started"
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_seconds)
-        loop = asyncio.get_running_loop()
+        conn: BackendConnection | None = None
+        finished = False
         try:
             async with asyncio.timeout(self.timeouts.first_byte_seconds) as deadline:
-                async with session.post(backend.url + self.path, data=self.body, headers=UPSTREAM_HEADERS,
-                                        timeout=timeout) as response:
-                    if response.status != 200:
-                        return await self._pass_through(response, send)
-                    if self.shaped is not None and self.shaped.stream:
-                        return await self._stream(response, send, deadline, loop)
-                    if self.shaped is None:
-                        return await self._raw(response, send, deadline, loop)
-                    payload = await response.read()
+                conn, _ = await backend.connections.connect(self.timeouts.connect_seconds)
+                conn.send("POST", self.path, self.body)
+                status = await conn.response_head()
+                relayed = status == 200 and (self.shaped is None or self.shaped.stream)
+                if not relayed:
+                    payload = await conn.read_body()  # an error answer, or a whole (non-streamed) answer
+            if status != 200:
+                finished = True
+                return self._pass_through(conn, status, payload, response)
+            if relayed:
+                relay = self._stream_relay() if self.shaped is not None else None
+                first_byte_due = deadline.when() or asyncio.get_running_loop().time()
+                result = await self._relay(conn, response, relay, first_byte_due)
+                finished = True
+                return result
+            finished = True
         except TimeoutError:
-            self.metrics.upstream_errors.labels(model, "timeout").inc()
-            if self.started:
-                await self._end_stream_with_error("the model backend stopped sending: timed out", "upstream_timeout")
-                return 200
-            raise ApiError(504, f"model {model!r} did not answer within {self.timeouts.first_byte_seconds:.0f} s",
-                           code="upstream_timeout") from None
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            return self._failed(backend, "timeout", ApiError(
+                504, f"model {model!r} did not answer within {self.timeouts.first_byte_seconds:.0f} s",
+                code="upstream_timeout"), response, "the model backend stopped sending: timed out")
+        except BackendStalled:
+            return self._failed(backend, "timeout", None, response,
+                                      "the model backend stopped sending: timed out")
+        except ConnectionReset as exc:
             if not self.started:
                 raise StaleConnection from exc
-            self.metrics.upstream_errors.labels(model, "reset").inc()
-            self.pool.set_health(backend, False)
-            await self._end_stream_with_error("the model backend failed mid-response; the answer is incomplete",
-                                              "upstream_reset")
-            return 200
+            return self._failed(backend, "reset", None, response,
+                                      "the model backend failed mid-response; the answer is incomplete")
+        finally:
+            if conn is not None:
+                if finished or conn.complete:
+                    conn.finish()
+                else:
+                    conn.close()  # the backend sees the request end and aborts it (also when the client left)
         usage = Usage()
         body = rewrite_json_response(payload, self.route.served_name, self.route.name, usage)
         usage.record(self.metrics, model)
         self.started = True
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), *self._our_headers()]})
-        await send({"type": "http.response.body", "body": body})
+        response.send(200, [(b"content-type", b"application/json"), *self._our_headers()], body)
         return 200
 
-    async def _pass_through(self, response: aiohttp.ClientResponse, send: Send) -> int:
+    def _failed(self, backend: Backend, kind: str, before_start: ApiError | None, response: Response,
+                      message: str) -> int:
+        """After the status line went out, an error can only be an SSE event; then the stream ends."""
+        self.metrics.upstream_errors.labels(self.route.served_name, kind).inc()
+        if not self.started:
+            assert before_start is not None
+            raise before_start
+        if kind == "reset":
+            self.pool.set_health(backend, False)
+        response.end(sse_error_event(message, f"upstream_{kind}"))
+        return 200
+
+    def _pass_through(self, conn: BackendConnection, status: int, payload: bytes, response: Response) -> int:
         """A backend's error answer goes to the client unchanged."""
-        payload = await response.read()
-        if response.status >= 500:
+        if status >= 500:
             self.metrics.upstream_errors.labels(self.route.served_name, "http_5xx").inc()
         self.started = True
-        content_type = response.headers.get("content-type", "application/json").encode()
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
-        return response.status
+        content_type = conn.header(b"content-type") or b"application/json"
+        response.send(status, [(b"content-type", content_type)], payload)
+        return status
 
-    async def _stream(self, response: aiohttp.ClientResponse, send: Send, deadline: asyncio.Timeout,
-                      loop: asyncio.AbstractEventLoop) -> int:
+    def _stream_relay(self) -> StreamRelay:
         assert self.shaped is not None
         rewrite = None
         if self.route.name != self.route.served_name:
             rewrite = (f'"model":"{self.route.served_name}"'.encode(), f'"model":"{self.route.name}"'.encode())
-        relay = StreamRelay(self.metrics, self.route.served_name, self.start,
-                            drop_usage=not self.shaped.client_wants_usage, rewrite=rewrite,
-                            completions=self.path.endswith("/completions") and "chat" not in self.path)
+        return StreamRelay(self.metrics, self.route.served_name, self.start,
+                           drop_usage=not self.shaped.client_wants_usage, rewrite=rewrite,
+                           completions=self.path.endswith("/completions") and "chat" not in self.path)
+
+    async def _relay(self, conn: BackendConnection, response: Response, relay: StreamRelay | None,
+                     first_byte_due: float) -> int:
+        """Forward the body as it arrives: SSE through the relay, other bodies untouched.
+
+        Returns at the stream's [DONE] (clients may close as soon as they read it); the rest of
+        the backend's body is read and dropped so its keep-alive connection is reused."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
         self.started = True
-        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *self._our_headers()]})
-        idle = self.timeouts.idle_seconds
-        content = response.content
-        while not relay.saw_done:
-            data = await content.readany()
-            if not data:
-                # vLLM always ends with [DONE]: a stream without it was cut by the backend.
-                raise aiohttp.ClientPayloadError("stream ended without [DONE]")
-            deadline.reschedule(loop.time() + idle)
+        if relay is None:
+            content_type = conn.header(b"content-type") or b"application/json"
+            response.start(200, [(b"content-type", content_type)])
+        else:
+            response.start(200, [*SSE_HEADERS, *self._our_headers()])
+        write, end = response.write, response.end
+
+        def on_data(data: bytes) -> None:
+            if ended.done():
+                return  # after [DONE]: the backend's end of body, dropped
+            if relay is None:
+                write(data)
+                return
             out = relay.feed(data)
             if relay.saw_done:
                 # Count and finish at [DONE], not at the backend's end of body: a client may
-                # close its connection as soon as it reads [DONE], which cancels this exchange.
+                # close its connection as soon as it reads [DONE].
                 relay.usage.record(self.metrics, self.route.served_name)
-                out += relay.leftover()
-                await send({"type": "http.response.body", "body": out, "more_body": False})
+                end(out + relay.leftover())
+                ended.set_result(None)
             elif out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-        # Drain the backend's end of body so its keep-alive connection is reused.
-        while await content.readany():
-            pass
+                write(out)
+
+        def on_end(error: Exception | None) -> None:
+            if ended.done():
+                return
+            if error is None and relay is None:
+                end()
+                ended.set_result(None)
+            else:
+                # vLLM always ends a stream with [DONE]: a body without it was cut by the backend.
+                ended.set_exception(error or ConnectionReset("stream ended without [DONE]", answered=True))
+
+        response.on_pause, response.on_resume = conn.pause_reading, conn.resume_reading
+        conn.stream(on_data, on_end)
+        watchdog = _Watchdog(loop, conn, ended, first_byte_due, self.timeouts.idle_seconds)
+        try:
+            await ended
+        finally:
+            watchdog.cancel()
+            response.on_pause = response.on_resume = None
+        if not conn.complete:
+            conn.resume_reading()
+            # A backend that never ends its body after [DONE] must not hold the connection forever.
+            loop.call_later(self.timeouts.idle_seconds, _close_if_incomplete, conn)
         return 200
 
-    async def _raw(self, response: aiohttp.ClientResponse, send: Send, deadline: asyncio.Timeout,
-                   loop: asyncio.AbstractEventLoop) -> int:
-        """Other /v1 endpoints: bytes through, untouched."""
-        self.started = True
-        headers = [(b"content-type", response.headers.get("content-type", "application/json").encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        async for data in response.content.iter_any():
-            deadline.reschedule(loop.time() + self.timeouts.idle_seconds)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return 200
 
-    async def _end_stream_with_error(self, message: str, code: str) -> None:
-        """After the status line went out, an error can only be an SSE event; then the stream ends."""
-        await self.send({"type": "http.response.body", "body": sse_error_event(message, code), "more_body": False})
+def _close_if_incomplete(conn: BackendConnection) -> None:
+    if not conn.complete and not conn.closed:
+        conn.close()
+
+
+class _Watchdog:
+    """Fails a relay whose backend goes silent: no body byte by `first_byte_due` (the request's
+    first-byte deadline), then `idle` seconds between reads. One timer per period, not one per
+    read: reads only stamp a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: BackendConnection, ended: asyncio.Future[None],
+                 first_byte_due: float, idle: float) -> None:
+        self.loop, self.conn, self.ended = loop, conn, ended
+        self.first_byte_due, self.idle = first_byte_due, idle
+        self.handle = loop.call_at(self._next_check(), self._check)
+
+    def _due(self) -> float:
+        if self.conn.body_seen:
+            return self.conn.last_data + self.idle
+        return self.first_byte_due
+
+    def _check(self) -> None:
+        if self.ended.done():
+            return
+        if self.loop.time() >= self._due():
+            self.ended.set_exception(BackendStalled())
+        else:
+            self.handle = self.loop.call_at(self._next_check(), self._check)
+
+    def _next_check(self) -> float:
+        # Before the first body byte the idle rule does not apply yet, but it will as soon as
+        # the body starts: look again within `idle`.
+        return min(self._due(), self.loop.time() + self.idle)
+
+    def cancel(self) -> None:
+        self.handle.cancel()

@@ -1,4 +1,4 @@
-"""Run the proxy under uvicorn (uvloop + httptools), with a graceful drain on SIGTERM.
+"""Run the proxy (uvloop + serving.httpserver), with a graceful drain on SIGTERM.
 
 On the first SIGTERM/SIGINT, /ready answers 503 and new requests are refused with 503 while
 requests in flight (streams included) finish, up to `drain_seconds`; then the server exits.
@@ -8,45 +8,48 @@ A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
-from types import FrameType
 
-import uvicorn
+import uvloop
 
 from serving.app import ProxyApp
+from serving.httpserver import HttpServer
 
-DRAIN_POLL_SECONDS = 0.1
+DRAIN_POLL_SECONDS = 0.05
 
 
-class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: ProxyApp, drain_seconds: float) -> None:
-        super().__init__(config)
-        self.proxy = app
-        self.drain_seconds = drain_seconds
-        self._drain_task: asyncio.Task[None] | None = None
+async def serve(app: ProxyApp) -> None:
+    listen = app.config.listen
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    forced = asyncio.Event()
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.proxy.draining:
-            super().handle_exit(sig, frame)  # second signal: uvicorn's own (forced) exit
+    def on_signal() -> None:
+        if app.draining:
+            forced.set()  # second signal: exit at once
+            stop.set()
             return
-        self.proxy.draining = True
-        self._drain_task = asyncio.get_event_loop().create_task(self._drain())
+        app.draining = True
+        stop.set()
 
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self.drain_seconds
-        while self.proxy.active > 0 and time.monotonic() < deadline:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await app.startup()
+    server = HttpServer(app.handle, app.config.limits.max_body_bytes)
+    await server.listen(listen.host, listen.port)
+    print(f"qwen proxy listening on http://{listen.host}:{listen.port} "
+          f"(models: {', '.join(sorted(app.routes))})", flush=True)
+    try:
+        await stop.wait()
+        deadline = time.monotonic() + app.config.drain_seconds
+        # Draining: the listener stays open so new requests get a clear 503, not a refused connection.
+        while app.active > 0 and time.monotonic() < deadline and not forced.is_set():
             await asyncio.sleep(DRAIN_POLL_SECONDS)
-        self.should_exit = True
+    finally:
+        await server.close()
+        await app.shutdown()
 
 
 def run(app: ProxyApp) -> None:
-    listen = app.config.listen
-    config = uvicorn.Config(
-        app, host=listen.host, port=listen.port, loop="uvloop", http="httptools", lifespan="on",
-        log_level="warning", access_log=False, timeout_keep_alive=75, proxy_headers=False,
-        timeout_graceful_shutdown=int(app.config.drain_seconds) + 1,
-    )
-    server = DrainingServer(config, app, app.config.drain_seconds)
-    print(f"qwen proxy listening on http://{listen.host}:{listen.port} "
-          f"(models: {', '.join(sorted(app.routes))})", flush=True)
-    server.run()
+    uvloop.run(serve(app))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import aiohttp
-
+from serving.httpclient import BackendPool, ConnectFailed, ConnectionReset
 from serving.metrics import Metrics
 
 HEALTH_TIMEOUT_SECONDS = 2.0
@@ -19,6 +18,11 @@ class Backend:
     model: str
     healthy: bool = False
     in_flight: int = 0
+    connections: BackendPool = field(init=False)
+
+    def open(self) -> None:
+        """Create the connection pool (on the running event loop)."""
+        self.connections = BackendPool(self.url)
 
 
 class Pool:
@@ -42,24 +46,23 @@ class Pool:
         self.metrics.backend_up.labels(self.model, backend.url).set(1 if healthy else 0)
 
 
-async def _probe(session: aiohttp.ClientSession, backend: Backend) -> bool:
+async def _probe(backend: Backend) -> bool:
     try:
-        async with session.get(f"{backend.url}/health",
-                               timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_SECONDS)) as response:
-            return response.status == 200
-    except (TimeoutError, aiohttp.ClientError, OSError):
+        status, _ = await backend.connections.get("/health", HEALTH_TIMEOUT_SECONDS)
+    except (TimeoutError, ConnectFailed, ConnectionReset, OSError):
         return False
+    return status == 200
 
 
-async def check_all(session: aiohttp.ClientSession, pools: list[Pool]) -> None:
+async def check_all(pools: list[Pool]) -> None:
     checks = [(pool, backend) for pool in pools for backend in pool.backends]
-    results = await asyncio.gather(*(_probe(session, backend) for _, backend in checks))
+    results = await asyncio.gather(*(_probe(backend) for _, backend in checks))
     for (pool, backend), healthy in zip(checks, results, strict=True):
         pool.set_health(backend, healthy)
 
 
-async def health_loop(session: aiohttp.ClientSession, pools: list[Pool], interval: float) -> None:
+async def health_loop(pools: list[Pool], interval: float) -> None:
     while True:
         with contextlib.suppress(Exception):  # a failed round must never end the loop
-            await check_all(session, pools)
+            await check_all(pools)
         await asyncio.sleep(interval)
