@@ -219,6 +219,38 @@ def test_stream_ends_and_is_counted_at_done_even_if_the_backend_lingers(
     assert metric(service, sample) == 7
 
 
+def test_many_short_streams_share_pooled_connections_without_crossing(
+        proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
+    """Backend connections are reused across requests. A connection must not go back to the pool
+    while its request still reads it: short responses that arrive whole in one read, many at
+    once, each reach their own client complete (a connection handed over too early cut streams
+    and took the backend for dead)."""
+    service = single(proxy, upstream())
+
+    async def client(index: int, http: httpx.AsyncClient) -> list[tuple[int, str]]:
+        results = []
+        for round_ in range(25):
+            body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 1 + (index + round_) % 3,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            async with http.stream("POST", f"{service.base_url}/v1/chat/completions", json=body) as response:
+                lines = [line async for line in response.aiter_lines() if line]
+            usage = json.loads(lines[-2].removeprefix("data: "))["usage"]
+            results.append((response.status_code, f"{lines[-1]} {usage['completion_tokens']}/{body['max_tokens']}"))
+        return results
+
+    async def main() -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as http:
+            batches = await asyncio.gather(*(client(index, http) for index in range(16)))
+        return [result for batch in batches for result in batch]
+
+    results = asyncio.run(main())
+    bad = [result for result in results
+           if result[0] != 200 or not result[1].startswith("data: [DONE] ") or
+           result[1].split()[-1].split("/")[0] != result[1].split()[-1].split("/")[1]]
+    assert not bad, f"{len(bad)} of {len(results)} streams failed, e.g. {bad[:3]}"
+    assert metric(service, 'qwen_proxy_upstream_errors_total{kind="reset",model="tiny-qwen3"}') == 0
+
+
 # ---- graceful shutdown ----------------------------------------------------------------------------
 
 def test_sigterm_drains_streams_in_flight(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
