@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from serving.app import create_app
-from serving.config import ConfigError, config_from_backends, load_config
-from serving.server import run
+from serving.config import MAX_WORKERS, ConfigError, config_from_backends, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +17,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve a profile from these vLLM base URLs (repeatable)")
     parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    parser.add_argument("--workers", type=int, default=None, help="proxy processes (default: the config's, 1)")
+    parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers {args.workers}: between 1 and {MAX_WORKERS}")
     try:
         if args.config:
             config = load_config(args.config)
@@ -28,12 +31,21 @@ def main(argv: list[str] | None = None) -> int:
             config = config.model_copy(update={"listen": listen})
         else:
             config = config_from_backends(args.backend, args.host or "127.0.0.1", args.port or 8000)
+        if args.workers is not None:
+            config = config.model_copy(update={"workers": args.workers})
+        if config.workers > 1 and not args.as_worker:
+            from serving.workers import supervise
+
+            return supervise(argv, config.workers)
+        # Imported only now: in a worker, prometheus-client must see PROMETHEUS_MULTIPROC_DIR first.
+        from serving.app import create_app
+        from serving.server import run
+
         app = create_app(config)
+        return run(app, share_port=args.as_worker)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(app)
-    return 0
 
 
 sys.exit(main())

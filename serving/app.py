@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from serving.auth import KeyCheck, RateLimiter
 from serving.config import ProxyConfig, Route, build_routes, load_api_keys
@@ -95,7 +95,7 @@ class ProxyApp:
             body = json.dumps({"ready": ok, "draining": self.draining, "models": detail}).encode()
             send_json(response, 200 if ok else 503, body)
         elif path == "/metrics":
-            response.send(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self.metrics.registry))
+            response.send(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], self.metrics.exposition())
         else:
             send_json(response, 404, error_body(404, f"no such path: {path}"))
 

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deploy.profile import Profile, Sampling, load_profile
 
+MAX_WORKERS = 64
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,6 +63,7 @@ class ProxyConfig(Strict):
     limits: Limits = Field(default_factory=Limits)
     drain_seconds: float = Field(default=30.0, ge=0)
     health_interval_seconds: float = Field(default=2.0, gt=0)
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS, description="Proxy processes sharing the port (SO_REUSEPORT).")
 
 
 class ConfigError(Exception):

@@ -252,7 +252,7 @@ class HttpConnection(asyncio.Protocol):
             await self.server.handler(request, response)
         except asyncio.CancelledError:
             return  # the client went away
-        except Exception:  # noqa: BLE001 - one request's bug must not take the connection's others
+        except Exception:  # one request's bug must not take down the connection's others
             log.exception("unhandled error answering %s %s", request.method, request.path)
             if not response.started:
                 response.send(500, [(b"content-type", b"application/json")],
@@ -308,9 +308,11 @@ class HttpServer:
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
 
-    async def listen(self, host: str, port: int) -> None:
+    async def listen(self, host: str, port: int, share_port: bool = False) -> None:
+        """`share_port`: several worker processes bind the same port (SO_REUSEPORT); the kernel
+        spreads new connections across them."""
         self._server = await self.loop.create_server(lambda: HttpConnection(self), host, port,
-                                                     reuse_address=True, backlog=2048)
+                                                     reuse_address=True, reuse_port=share_port, backlog=2048)
 
     async def close(self) -> None:
         """Stop listening and close every connection (call after the drain)."""

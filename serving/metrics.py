@@ -1,8 +1,17 @@
-"""The proxy's Prometheus metrics: own prefix, bounded labels (never user input), one registry."""
+"""The proxy's Prometheus metrics: own prefix, bounded labels (never user input), one registry.
+
+With several worker processes (PROMETHEUS_MULTIPROC_DIR set by the supervisor before
+prometheus-client is imported) every metric is kept in per-process files and `exposition()`
+sums them, so whichever worker answers /metrics tells the whole truth.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from serving.loop_histogram import LoopHistogram
 
@@ -16,19 +25,26 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 6
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         p = PREFIX
+
+        def per_token(name: str, documentation: str, buckets: Sequence[float]) -> Any:
+            # Observed per streamed token on the event loop: the lock-free histogram, unless the
+            # observations must reach the other workers' scrapes (prometheus-client's file-backed one).
+            if self.multiprocess_dir:
+                return Histogram(name, documentation, ["model"], buckets=buckets, registry=registry)
+            return LoopHistogram(name, documentation, ["model"], buckets, registry)
+
         self.requests = Counter(f"{p}_requests", "Requests answered, by model, route and status class",
                                 ["model", "route", "status_class"], registry=registry)
         self.duration = Histogram(f"{p}_request_duration_seconds", "Request time until the last byte",
                                   ["model", "route"], buckets=DURATION_BUCKETS, registry=registry)
-        # Observed per streamed token on the event loop: the lock-free histogram.
-        self.ttft = LoopHistogram(f"{p}_time_to_first_token_seconds", "Time to the first streamed token",
-                                  ["model"], LATENCY_BUCKETS, registry)
-        self.ttfat = LoopHistogram(f"{p}_time_to_first_answer_token_seconds",
-                                   "Time to the first answer token (after any reasoning)",
-                                   ["model"], LATENCY_BUCKETS, registry)
-        self.itl = LoopHistogram(f"{p}_inter_token_latency_seconds", "Gap between streamed token events",
-                                 ["model"], TOKEN_GAP_BUCKETS, registry)
+        self.ttft = per_token(f"{p}_time_to_first_token_seconds", "Time to the first streamed token",
+                              LATENCY_BUCKETS)
+        self.ttfat = per_token(f"{p}_time_to_first_answer_token_seconds",
+                               "Time to the first answer token (after any reasoning)", LATENCY_BUCKETS)
+        self.itl = per_token(f"{p}_inter_token_latency_seconds", "Gap between streamed token events",
+                             TOKEN_GAP_BUCKETS)
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens (backend usage)", ["model"],
                                      registry=registry)
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Completion tokens (backend usage)",
@@ -36,17 +52,26 @@ class Metrics:
         self.reasoning_tokens = Counter(f"{p}_reasoning_tokens", "Reasoning tokens (backend usage)",
                                         ["model"], registry=registry)
         self.in_flight = Gauge(f"{p}_requests_in_flight", "Requests being answered", ["model"],
-                               registry=registry)
+                               registry=registry, multiprocess_mode="livesum")
         self.upstream_errors = Counter(f"{p}_upstream_errors", "Backend failures by kind",
                                        ["model", "kind"], registry=registry)
         self.defaults_applied = Counter(f"{p}_defaults_applied", "Profile defaults filled into requests",
                                         ["model", "field"], registry=registry)
         self.greedy = Counter(f"{p}_greedy_requests", "Requests with temperature 0, by policy action",
                               ["model", "action"], registry=registry)
+        # Each worker checks every backend; the latest check wins.
         self.backend_up = Gauge(f"{p}_backend_up", "1 when the backend's /health answers 200",
-                                ["model", "backend"], registry=registry)
+                                ["model", "backend"], registry=registry, multiprocess_mode="livemostrecent")
         self.rejected = Counter(f"{p}_rejected_requests", "Requests refused before reaching a backend",
                                 ["reason"], registry=registry)
+
+
+    def exposition(self) -> bytes:
+        if self.multiprocess_dir:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged, self.multiprocess_dir)
+            return bytes(generate_latest(merged))
+        return bytes(generate_latest(self.registry))
 
 
 def status_class(status: int) -> str:

@@ -8,7 +8,9 @@ A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 
 import uvloop
@@ -19,7 +21,11 @@ from serving.httpserver import HttpServer
 DRAIN_POLL_SECONDS = 0.05
 
 
-async def serve(app: ProxyApp) -> None:
+class ListenError(Exception):
+    """The listen address cannot be bound."""
+
+
+async def serve(app: ProxyApp, share_port: bool) -> None:
     listen = app.config.listen
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -35,10 +41,15 @@ async def serve(app: ProxyApp) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    await app.startup()
     server = HttpServer(app.handle, app.config.limits.max_body_bytes)
-    await server.listen(listen.host, listen.port)
-    print(f"qwen proxy listening on http://{listen.host}:{listen.port} "
+    try:
+        await server.listen(listen.host, listen.port, share_port)  # before startup: a taken port fails fast
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc} "
+                          "(another process on that port? set listen.port or --port)") from None
+    await app.startup()
+    who = f"worker {os.getpid()} " if share_port else ""
+    print(f"qwen proxy {who}listening on http://{listen.host}:{listen.port} "
           f"(models: {', '.join(sorted(app.routes))})", flush=True)
     try:
         await stop.wait()
@@ -51,5 +62,11 @@ async def serve(app: ProxyApp) -> None:
         await app.shutdown()
 
 
-def run(app: ProxyApp) -> None:
-    uvloop.run(serve(app))
+def run(app: ProxyApp, share_port: bool = False) -> int:
+    """Serve until stopped; 0, or 2 when the address cannot be listened on."""
+    try:
+        uvloop.run(serve(app, share_port))
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
