@@ -226,12 +226,13 @@ class Exchange:
         if not conn.complete:
             conn.resume_reading()
             # A backend that never ends its body after [DONE] must not hold the connection forever.
-            loop.call_later(self.timeouts.idle_seconds, _close_if_incomplete, conn)
+            loop.call_later(self.timeouts.idle_seconds, _close_if_still_unfinished, conn, conn.requests)
         return 200
 
 
-def _close_if_incomplete(conn: BackendConnection) -> None:
-    if not conn.complete and not conn.closed:
+def _close_if_still_unfinished(conn: BackendConnection, request: int) -> None:
+    # Only if the connection still carries that request (not a later one, once reused).
+    if conn.requests == request and not conn.complete and not conn.closed:
         conn.close()
 
 

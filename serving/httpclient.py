@@ -53,6 +53,7 @@ class BackendConnection(asyncio.Protocol):
         self.answered = False
         self.body_seen = False
         self.last_data = 0.0
+        self.requests = 0  # requests sent on this connection: tells one exchange from the next
         self._finished = False
         self._reusable = False
         self._chunks: list[bytes] = []
@@ -63,6 +64,7 @@ class BackendConnection(asyncio.Protocol):
 
     # ---- use ------------------------------------------------------------------------------------
     def send(self, method: str, path: str, body: bytes | None) -> None:
+        self.requests += 1
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.headers, self._chunks = 0, [], []
         self.complete = self.answered = self.body_seen = self._finished = self._reusable = False

@@ -251,6 +251,24 @@ def test_many_short_streams_share_pooled_connections_without_crossing(
     assert metric(service, 'qwen_proxy_upstream_errors_total{kind="reset",model="tiny-qwen3"}') == 0
 
 
+def test_a_reused_backend_connection_is_not_closed_by_the_previous_requests_timer(
+        proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
+    """After [DONE] the proxy gives a lingering backend `idle_seconds` to end its body, then closes
+    the connection. Once the body did end and the connection carries the next request, that
+    timer must leave it alone."""
+    backend = upstream()
+    entry = {"profile": "tiny-qwen3", "backends": [backend.base_url], "timeouts": {"idle_seconds": 1.0}}
+    service = proxy({"models": [entry], "health_interval_seconds": 600})  # no health check takes the connection
+    body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 2, "stream": True}
+    events = stream_events(service, {**body, "script": "linger-after-done=0.2"}, {})
+    assert events[-1] == "data: [DONE]"
+    wait_until(lambda: stats(backend)["in_flight"] == 0, 10, "the backend to end the first body")
+    # Waits at the backend across the moment the first request's timer fires.
+    events = stream_events(service, {**body, "script": "first-byte-delay=1.5"}, {})
+    assert events[-1] == "data: [DONE]"
+    assert stats(backend) == {"requests": 2, "disconnects": 0, "in_flight": 0}
+
+
 # ---- graceful shutdown ----------------------------------------------------------------------------
 
 def test_sigterm_drains_streams_in_flight(proxy: Callable[..., Service], upstream: Callable[..., Service]) -> None:
