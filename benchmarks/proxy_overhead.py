@@ -8,7 +8,7 @@ concurrency alternates direct and proxied rounds (the machine is noisy: interlea
 ratio fair), each client keeping its connections as real clients do, and prints added TTFT (p50,
 p99) and proxied tokens/s as a fraction of direct (steady state: requests started in each
 round's first 2 s are not counted), tokens counted from the servers' usage, plus events per
-response (must match: no coalescing).
+response (must match: no coalescing) and the proxy process's CPU time per relayed event.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,6 +41,8 @@ class Cell:
     events: list[int] = field(default_factory=list)
     busy_seconds: float = 0.0
     errors: int = 0
+    relayed_events: int = 0  # every event of the round, ramp included (the proxy's CPU covers all)
+    proxy_cpu_seconds: float = 0.0
 
     def merge(self, other: Cell) -> None:
         self.ttfts += other.ttfts
@@ -47,6 +50,12 @@ class Cell:
         self.events += other.events
         self.busy_seconds += other.busy_seconds
         self.errors += other.errors
+        self.relayed_events += other.relayed_events
+        self.proxy_cpu_seconds += other.proxy_cpu_seconds
+
+    @property
+    def cpu_us_per_event(self) -> float:
+        return self.proxy_cpu_seconds / self.relayed_events * 1e6 if self.relayed_events else float("nan")
 
     @property
     def tokens_per_second(self) -> float:
@@ -113,11 +122,18 @@ async def run_round(session: aiohttp.ClientSession, base_url: str, body: bytes, 
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     counted.busy_seconds = last_end - measure_from
+    counted.relayed_events = sum(counted.events) + sum(ramping.events)
     return counted
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure(direct: str, proxied: str, model: str, concurrency: int, seconds: float,
-                  rounds: int) -> tuple[Cell, Cell]:
+                  rounds: int, proxy_pid: int) -> tuple[Cell, Cell]:
     """Alternate direct and proxied rounds; each mode keeps one client (keep-alive) throughout."""
     totals = (Cell(), Cell())
     body = request_body(model)
@@ -128,8 +144,11 @@ async def measure(direct: str, proxied: str, model: str, concurrency: int, secon
         for index in range(rounds):
             order = [(0, direct), (1, proxied)] if index % 2 == 0 else [(1, proxied), (0, direct)]
             for slot, url in order:
-                totals[slot].merge(await run_round(sessions[slot], url, body, concurrency, seconds / rounds,
-                                                   ramp=RAMP_SECONDS))
+                before = cpu_seconds(proxy_pid)
+                cell = await run_round(sessions[slot], url, body, concurrency, seconds / rounds, ramp=RAMP_SECONDS)
+                if slot == 1:
+                    cell.proxy_cpu_seconds = cpu_seconds(proxy_pid) - before
+                totals[slot].merge(cell)
     return totals
 
 
@@ -160,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                                 f"http://127.0.0.1:{port}/health")
                 stack.start([python, "-m", "serving", "--backend", f"tiny-qwen3=http://127.0.0.1:{port}",
                              "--port", str(proxy_port)], f"http://127.0.0.1:{proxy_port}/ready")
+                proxy_pid = stack.processes[-1].pid
                 for concurrency in args.concurrency:
                     direct, proxied = asyncio.run(measure(
                         f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}", "tiny-qwen3",
-                        concurrency, args.seconds, args.rounds))
+                        concurrency, args.seconds, args.rounds, proxy_pid))
                     rows.append((kind, concurrency, direct, proxied))
                     print(_row(*rows[-1]), flush=True)
         finally:
@@ -175,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 HEADER = (f"{'upstream':<9} {'streams':>7} {'TTFT p50 direct/proxy (ms)':>27} {'added':>7} "
           f"{'TTFT p99 d/p (ms)':>19} {'added':>7} {'tok/s direct':>12} {'tok/s proxy':>11} {'ratio':>6} "
-          f"{'events/resp d/p':>15} {'errors':>6}")
+          f"{'events/resp d/p':>15} {'errors':>6} {'proxy CPU us/event':>18}")
 
 
 def _row(kind: str, concurrency: int, direct: Cell, proxied: Cell) -> str:
@@ -187,12 +207,10 @@ def _row(kind: str, concurrency: int, direct: Cell, proxied: Cell) -> str:
     return (f"{kind:<9} {concurrency:>7} {p50d:>13.1f} / {p50p:<11.1f} {p50p - p50d:>+7.1f} "
             f"{p99d:>8.1f} / {p99p:<8.1f} {p99p - p99d:>+7.1f} {direct.tokens_per_second:>12.0f} "
             f"{proxied.tokens_per_second:>11.0f} {ratio:>6.2f} {events_d:>7.0f} / {events_p:<5.0f} "
-            f"{direct.errors + proxied.errors:>6}")
+            f"{direct.errors + proxied.errors:>6} {proxied.cpu_us_per_event:>18.1f}")
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
