@@ -54,6 +54,10 @@ class Auth(Strict):
 class Limits(Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     requests_per_minute_per_key: int | None = Field(default=None, ge=1)
+    # Longer than load balancers' usual 60 s keep-alive, so they close first.
+    client_idle_seconds: float = Field(
+        default=75.0, gt=0, description="A client connection with no whole request for this long is closed "
+        "(idle keep-alive, or part of a request and then nothing).")
 
 
 class ProxyConfig(Strict):

@@ -26,7 +26,6 @@ from serving.errors import error_body
 log = logging.getLogger("serving.httpserver")
 
 Headers = list[tuple[bytes, bytes]]
-KEEP_ALIVE_SECONDS = 75.0  # idle client connections, as load balancers expect (longer than their 60 s)
 MAX_HEADER_BYTES = 64 * 1024
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -99,10 +98,12 @@ class Response:
         else:
             framing = b""  # HTTP/1.0 has no chunks: the body ends when the connection closes
             self._request.keep_alive = False
-        self._transport.write(self._head(status, headers, framing))
+        if not self._conn.closed:
+            self._transport.write(self._head(status, headers, framing))
 
     def write(self, data: bytes) -> None:
-        if not data or self._head_only:
+        # A closed transport raises on write; the client's loss is handled by cancelling the handler.
+        if not data or self._head_only or self._conn.closed:
             return
         if self._chunked:
             self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -113,7 +114,7 @@ class Response:
         if self.finished:
             return
         self.finished = True
-        if self._head_only:
+        if self._head_only or self._conn.closed:
             pass
         elif not self._chunked:
             if data:
@@ -130,12 +131,9 @@ class Response:
         self.status = status
         self.finished = True
         head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
-        self._transport.write(head if self._head_only else head + body)
+        if not self._conn.closed:
+            self._transport.write(head if self._head_only else head + body)
         self._conn.response_done(self._request)
-
-    @property
-    def client_gone(self) -> bool:
-        return self._conn.closed
 
 
 Handler = Callable[[Request, Response], Awaitable[None]]
@@ -344,7 +342,7 @@ class HttpConnection(asyncio.Protocol):
         # Runs while no whole request is waiting: an idle keep-alive connection, or a client that
         # sends part of a request and then nothing.
         self._cancel_idle_timer()
-        self._idle_timer = self.server.loop.call_later(KEEP_ALIVE_SECONDS, self.close_if_idle)
+        self._idle_timer = self.server.loop.call_later(self.server.idle_seconds, self.close_if_idle)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -357,9 +355,10 @@ class HttpConnection(asyncio.Protocol):
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, max_body_bytes: int) -> None:
+    def __init__(self, handler: Handler, max_body_bytes: int, idle_seconds: float) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
+        self.idle_seconds = idle_seconds
         self.connections: set[HttpConnection] = set()
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None

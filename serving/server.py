@@ -41,7 +41,8 @@ async def serve(app: ProxyApp, share_port: bool) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    server = HttpServer(app.handle, app.config.limits.max_body_bytes)
+    limits = app.config.limits
+    server = HttpServer(app.handle, limits.max_body_bytes, limits.client_idle_seconds)
     try:
         await server.listen(listen.host, listen.port, share_port)  # before startup: a taken port fails fast
     except OSError as exc:

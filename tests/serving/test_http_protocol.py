@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 TIMEOUT = 10.0  # the failure bound of every read
 MAX_BODY = 2048
+CLIENT_IDLE = 2.0  # limits.client_idle_seconds of the module's proxy
 MAX_HEADER_BYTES = 64 * 1024
 HEADER_LIMIT_MESSAGE = f"request line and headers exceed {MAX_HEADER_BYTES} bytes"
 CHAT = "/v1/chat/completions"
@@ -39,7 +41,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     backend = start_scripted_upstream(log_dir)
     try:
         config = {"models": [{"profile": "tiny-qwen3", "backends": [backend.base_url]}],
-                  "limits": {"max_body_bytes": MAX_BODY}, "health_interval_seconds": 0.5}
+                  "limits": {"max_body_bytes": MAX_BODY, "client_idle_seconds": CLIENT_IDLE},
+                  "health_interval_seconds": 0.5}
         path = log_dir / "proxy.yaml"
         path.write_text(yaml.safe_dump(config))
         proxy = start_proxy(["--config", str(path)], log_dir)
@@ -573,3 +576,16 @@ def test_expect_value_is_case_insensitive(service: Service) -> None:
         client.send(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nContent-Length: 10\r\n\r\n"
                     .encode())
         assert client.take(len(CONTINUE)) == CONTINUE
+
+
+# ---- client idle timeout ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("first", [request("GET", "/health"), b"GET /hea"], ids=["idle-keep-alive", "half-request"])
+def test_connection_without_a_whole_request_is_closed_after_the_idle_time(service: Service, first: bytes) -> None:
+    with Client.connect(service) as client:
+        client.send(first)
+        if first.endswith(b"\r\n\r\n"):
+            assert_health(client.reply())
+        started = time.monotonic()
+        client.assert_closed()  # blocks until the proxy closes (the socket timeout bounds the wait)
+        assert time.monotonic() - started > CLIENT_IDLE * 0.75, "closed before the idle time"
