@@ -213,7 +213,7 @@ class Exchange:
                 ended.set_result(None)
             else:
                 # vLLM always ends a stream with [DONE]: a body without it was cut by the backend.
-                ended.set_exception(error or ConnectionReset("stream ended without [DONE]", answered=True))
+                ended.set_exception(error or ConnectionReset("stream ended without [DONE]"))
 
         response.on_pause, response.on_resume = conn.pause_reading, conn.resume_reading
         conn.stream(on_data, on_end)

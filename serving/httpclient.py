@@ -26,11 +26,7 @@ class ConnectFailed(Exception):
 
 
 class ConnectionReset(Exception):
-    """The connection ended before the response did. `answered`: a response byte had arrived."""
-
-    def __init__(self, message: str, answered: bool) -> None:
-        super().__init__(message)
-        self.answered = answered
+    """The connection ended before the response did."""
 
 
 class BackendConnection(asyncio.Protocol):
@@ -47,10 +43,8 @@ class BackendConnection(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.closed = False
         self.parser: httptools.HttpResponseParser | None = None
-        self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
-        self.answered = False
         self.body_seen = False
         self.last_data = 0.0
         self.requests = 0  # requests sent on this connection: tells one exchange from the next
@@ -66,8 +60,8 @@ class BackendConnection(asyncio.Protocol):
     def send(self, method: str, path: str, body: bytes | None) -> None:
         self.requests += 1
         self.parser = httptools.HttpResponseParser(self)
-        self.status, self.headers, self._chunks = 0, [], []
-        self.complete = self.answered = self.body_seen = self._finished = self._reusable = False
+        self.headers, self._chunks = [], []
+        self.complete = self.body_seen = self._finished = self._reusable = False
         self._sink = self._on_end = None
         self._head = self.loop.create_future()
         self._done = None
@@ -94,7 +88,7 @@ class BackendConnection(asyncio.Protocol):
     async def read_body(self) -> bytes:
         if not self.complete:
             if self.closed:
-                raise ConnectionReset("the backend closed the connection mid-response", answered=True)
+                raise ConnectionReset("the backend closed the connection mid-response")
             self._done = self.loop.create_future()
             await self._done
         return b"".join(self._chunks)
@@ -108,7 +102,7 @@ class BackendConnection(asyncio.Protocol):
         if self.complete:
             on_end(None)
         elif self.closed:
-            on_end(ConnectionReset("the backend closed the connection mid-response", answered=True))
+            on_end(ConnectionReset("the backend closed the connection mid-response"))
         else:
             self._sink, self._on_end = sink, on_end
 
@@ -144,7 +138,6 @@ class BackendConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
 
     def data_received(self, data: bytes) -> None:
-        self.answered = True
         self.last_data = self.loop.time()
         if self.parser is None:
             self.close()  # bytes nobody asked for
@@ -152,15 +145,14 @@ class BackendConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(ConnectionReset(f"the backend sent a malformed response: {exc}", answered=True))
+            self._fail(ConnectionReset(f"the backend sent a malformed response: {exc}"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         if not self.complete:
-            self._fail(ConnectionReset("the backend closed the connection" + (f": {exc}" if exc else ""),
-                                       answered=self.answered))
+            self._fail(ConnectionReset("the backend closed the connection" + (f": {exc}" if exc else "")))
 
     # ---- httptools callbacks ---------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -168,9 +160,8 @@ class BackendConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None
-        self.status = self.parser.get_status_code()
         if self._head is not None and not self._head.done():
-            self._head.set_result(self.status)
+            self._head.set_result(self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
         self.body_seen = True

@@ -64,7 +64,7 @@ class Response:
     """
 
     __slots__ = ("_chunked", "_conn", "_head_only", "_request", "_transport", "finished", "on_pause",
-                 "on_resume", "started", "status")
+                 "on_resume", "started")
 
     def __init__(self, conn: HttpConnection, request: Request) -> None:
         self._conn = conn
@@ -74,7 +74,6 @@ class Response:
         self._chunked = request.http11
         self.started = False
         self.finished = False
-        self.status = 0
         self.on_pause: Callable[[], None] | None = None
         self.on_resume: Callable[[], None] | None = None
 
@@ -92,7 +91,6 @@ class Response:
     def start(self, status: int, headers: Headers) -> None:
         """The status line and headers of a streamed response."""
         self.started = True
-        self.status = status
         if self._chunked:
             framing = b"transfer-encoding: chunked\r\n"
         else:
@@ -128,7 +126,6 @@ class Response:
     def send(self, status: int, headers: Headers, body: bytes) -> None:
         """A whole response with Content-Length."""
         self.started = True
-        self.status = status
         self.finished = True
         head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
         if not self._conn.closed:

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
+from prometheus_client import multiprocess
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -75,8 +77,6 @@ def supervise(argv: list[str], workers: int) -> int:
 
 def _mark_dead(pid: int, directory: Path) -> None:
     # Live gauges (requests in flight) must stop counting a dead worker's last values.
-    from prometheus_client import multiprocess
-
     multiprocess.mark_process_dead(pid, str(directory))
 
 

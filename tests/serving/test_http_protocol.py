@@ -28,6 +28,7 @@ MAX_BODY = 2048
 CLIENT_IDLE = 2.0  # limits.client_idle_seconds of the module's proxy
 MAX_HEADER_BYTES = 64 * 1024
 HEADER_LIMIT_MESSAGE = f"request line and headers exceed {MAX_HEADER_BYTES} bytes"
+DECLARED_TOO_LARGE = f"request body of {MAX_BODY + 1} bytes exceeds the limit of {MAX_BODY} bytes"
 CHAT = "/v1/chat/completions"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ([^\r\n]*)\r\n")
@@ -212,6 +213,14 @@ def assert_error(reply: Reply, status: int, error_type: str) -> str:
     return str(error["message"])
 
 
+def assert_refused_and_closed(client: Client, status: int, message: str) -> None:
+    """A refusal in the OpenAI error shape with exactly `message`, then the proxy closes."""
+    reply = client.reply()
+    assert assert_error(reply, status, "invalid_request_error") == message
+    assert reply.header("connection") == "close"
+    client.assert_closed()
+
+
 def health_after(service: Service) -> None:
     """The proxy still answers, on a new connection, and the process is alive."""
     assert service.process.poll() is None, service.log()
@@ -308,11 +317,7 @@ def test_expect_100_continue_with_too_large_body_gets_413_not_100(service: Servi
     with Client.connect(service) as client:
         client.send(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode())
-        reply = client.reply()
-        message = assert_error(reply, 413, "invalid_request_error")
-        assert message == f"request body of {MAX_BODY + 1} bytes exceeds the limit of {MAX_BODY} bytes"
-        assert reply.header("connection") == "close"
-        client.assert_closed()
+        assert_refused_and_closed(client, 413, DECLARED_TOO_LARGE)
 
 
 # ---- 5. malformed requests ---------------------------------------------------------------------
@@ -349,18 +354,14 @@ def test_malformed_request_after_a_good_one_on_a_kept_alive_connection(service: 
 def test_headers_over_64_kib_get_431_and_close(service: Service) -> None:
     with Client.connect(service) as client:
         client.send(request("GET", "/health", headers={"X-Big": "a" * (MAX_HEADER_BYTES + 100)}))
-        reply = client.reply()
-        assert assert_error(reply, 431, "invalid_request_error") == HEADER_LIMIT_MESSAGE
-        assert reply.header("connection") == "close"
-        client.assert_closed()
+        assert_refused_and_closed(client, 431, HEADER_LIMIT_MESSAGE)
 
 
 def test_many_small_headers_over_64_kib_get_431(service: Service) -> None:
     many = {f"X-H{i}": "v" * 60 for i in range(MAX_HEADER_BYTES // 60 + 10)}
     with Client.connect(service) as client:
         client.send(request("GET", "/health", headers=many))
-        assert assert_error(client.reply(), 431, "invalid_request_error") == HEADER_LIMIT_MESSAGE
-        client.assert_closed()
+        assert_refused_and_closed(client, 431, HEADER_LIMIT_MESSAGE)
 
 
 def test_headers_under_64_kib_are_accepted(service: Service) -> None:
@@ -392,11 +393,7 @@ def test_declared_too_large_body_gets_413_before_it_is_sent(service: Service) ->
         # Only the headers: the proxy must answer without waiting for the 2049 bytes.
         client.send(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode())
-        reply = client.reply()
-        message = assert_error(reply, 413, "invalid_request_error")
-        assert message == f"request body of {MAX_BODY + 1} bytes exceeds the limit of {MAX_BODY} bytes"
-        assert reply.header("connection") == "close"
-        client.assert_closed()
+        assert_refused_and_closed(client, 413, DECLARED_TOO_LARGE)
     health_after(service)
 
 
@@ -418,11 +415,7 @@ def test_chunked_body_growing_past_the_limit_gets_413(service: Service) -> None:
         client.send(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
         # 3 x 1000 bytes, never finished: the proxy answers once the body is past 2048 bytes.
         client.send(chunked(b"x" * 1000, b"x" * 1000, b"x" * 1000))
-        reply = client.reply()
-        message = assert_error(reply, 413, "invalid_request_error")
-        assert message == f"request body exceeds the limit of {MAX_BODY} bytes"
-        assert reply.header("connection") == "close"
-        client.assert_closed()
+        assert_refused_and_closed(client, 413, f"request body exceeds the limit of {MAX_BODY} bytes")
     health_after(service)
 
 
@@ -435,6 +428,16 @@ def test_http_1_0_request_is_answered_then_closed(service: Service) -> None:
         assert_health(reply)
         assert reply.header("connection") == "close"
         client.assert_closed()
+
+
+def test_http_1_0_keep_alive_is_honoured_and_said(service: Service) -> None:
+    """HTTP/1.0 keeps a connection only when both sides say so: the answer must say it too."""
+    with Client.connect(service) as client:
+        for _ in range(2):
+            client.send(request("GET", "/health", version="1.0", headers={"Connection": "keep-alive"}))
+            reply = client.reply()
+            assert_health(reply)
+            assert reply.header("connection") == "keep-alive"
 
 
 def test_http_1_0_post_is_answered_then_closed(service: Service) -> None:
@@ -555,7 +558,7 @@ def test_upgrade_request_gets_400(service: Service) -> None:
 def test_headers_over_64_kib_refused_before_they_end(service: Service, start: bytes) -> None:
     with Client.connect(service, timeout=3) as client:
         client.send(start)
-        assert assert_error(client.reply(), 431, "invalid_request_error") == HEADER_LIMIT_MESSAGE
+        assert_refused_and_closed(client, 431, HEADER_LIMIT_MESSAGE)
 
 
 def test_http_1_0_stream_is_not_chunked(service: Service) -> None:
