@@ -248,9 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument("--model", required=True)
     cross.add_argument("--tokenizer")
     cross.add_argument("--num-requests", type=positive_int, default=96)
-    cross.add_argument("--concurrency", type=positive_int, default=2, help="per tool (both run at once)")
+    cross.add_argument("--concurrency", type=positive_int, default=1,
+                       help="per tool (both run at once; above 1 the tools race for vLLM's prefill)")
     cross.add_argument("--input-len", type=positive_int, default=1024)
     cross.add_argument("--output-len", type=positive_int, default=64)
+    cross.add_argument("--seed", type=int, help="the prompts' seed (default: fresh each run, printed)")
     cross.add_argument("--tolerance", type=positive_float, default=0.10, help="relative, default 10%%")
     cross.add_argument("--ttft-slack-ms", type=float, default=0.0,
                        help="also accept TTFT medians this many ms apart (a tiny model's TTFT is a few engine steps)")

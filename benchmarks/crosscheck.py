@@ -5,6 +5,14 @@ run one after the other, the noise between runs is larger than the tolerance. Ou
 kept only while `vllm bench serve` was sending (perf_counter is CLOCK_MONOTONIC, shared by both
 processes). Median TTFT and TPOT must agree within the tolerance.
 
+Side by side the tools also race: vLLM prefills first come, first served, and when requests of
+both finish in the same engine step the client that sends its next request sooner is prefilled
+first. Ours does (vllm bench serve does more per request), so at 2 requests each theirs read TTFT
+14-30 ms higher on the tiny model; delaying ours by 5 ms turned that round (ours 17 ms higher).
+At one request each (the default) such collisions are rare. Each run draws fresh prompts (the
+seed is printed; --seed repeats it): a repeat against the same server is served from vLLM's
+prefix cache and measures a shorter prefill than a first run.
+
     python -m benchmarks crosscheck --base-url http://127.0.0.1:8100 --model tiny-qwen3
 """
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -64,8 +73,9 @@ def main(args: argparse.Namespace) -> int:
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
     model, profile = resolve_model(base_url, args.model, None)
     tokenizer = tokenizer_source(args.model, args.tokenizer, profile)
+    seed = random.SystemRandom().randrange(1 << 31) if args.seed is None else args.seed
     config = BenchConfig(base_url=base_url, model=model, input_len=args.input_len, output_len=args.output_len,
-                         tokenizer=tokenizer, sampling=SAMPLING, calibrate=False)
+                         tokenizer=tokenizer, sampling=SAMPLING, calibrate=False, seed=seed)
     # Their half, then ours: distinct prompts (no prefix-cache hits between the tools), same lengths.
     # Ours gets more prompts than it can send in their time, never repeated: a repeat would hit
     # the prefix cache and lower our TTFT.
@@ -99,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
 
     print(f"side by side: {their['completed']} requests by vllm bench serve and {ours['completed']} by us, "
           f"each at concurrency {args.concurrency}, {args.input_len} in / {args.output_len} out tokens, "
-          f"{model} at {base_url}")
+          f"{model} at {base_url}, seed {seed}")
     print(f"{'':<20}{'median TTFT ms':>16}{'median TPOT ms':>16}{'median ITL ms':>16}{'p99 TTFT ms':>14}")
     rows = {"ours": ours, "vllm bench serve": their}
     for tool, fig in rows.items():

@@ -1,7 +1,8 @@
 """Our figures agree with `vllm bench serve` (shipped with the pinned vLLM) on the same server,
-prompts, sampling and concurrency, both at once: median TTFT and TPOT within 10%. The tiny model's
-median TTFT is ~20-50 ms, a few engine steps on 2 cores, and `vllm bench serve` (a heavier client
-process) reads it 2-20 ms higher than we do side by side here, so TTFT medians may also be within
+fresh prompts, sampling and concurrency, both at once: median TTFT and TPOT within 10%. The tiny
+model's median TTFT is ~20-50 ms, a few engine steps on 2 cores, and side by side the tools race
+for vLLM's first-come-first-served prefill, which ours (the lighter client) wins: theirs read TTFT
+0.6-11 ms higher at one request each (benchmarks/README.md), so TTFT medians may also be within
 25 ms. TPOT must be within 10%. A definition mismatch, such as counting only chunks with visible
 text, moved TTFT by 70-500 ms and fails this."""
 
