@@ -134,6 +134,21 @@ def test_proxy_loads_the_rendered_config(path: Path, tmp_path: Path) -> None:
             assert routes[served].entry.backends == [f"http://qwen-qwen-serve-{name}:8000"]
 
 
+def test_proxy_settings_reach_the_proxy_config(tmp_path: Path) -> None:
+    """Each proxy.* value the chart documents arrives in proxy.yaml as the proxy reads it."""
+    from tests.k8s.chart import render
+
+    docs = render(sets=["models.qwen3-4b-instruct-fp8.enabled=true", "proxy.workers=3", "proxy.limits.clientIdleSeconds=30", "proxy.limits.maxBodyBytes=2048",
+                        "proxy.limits.requestsPerMinutePerKey=120", "proxy.drainSeconds=12",
+                        "proxy.healthIntervalSeconds=7", "proxy.timeouts.firstByteSeconds=90"])
+    config = load_config(_load_rendered_proxy_config(docs, tmp_path))
+    assert config.workers == 3
+    assert (config.limits.client_idle_seconds, config.limits.max_body_bytes,
+            config.limits.requests_per_minute_per_key) == (30, 2048, 120)
+    assert (config.drain_seconds, config.health_interval_seconds) == (12, 7)
+    assert {entry.timeouts.first_byte_seconds for entry in config.models} == {90}
+
+
 def test_a_profile_of_your_own_deploys_through_its_generated_block(tmp_path: Path) -> None:
     from tests.k8s.chart import container, render
 
