@@ -66,7 +66,8 @@ def their_argv(args: argparse.Namespace, model: str, tokenizer: str, dataset: Pa
             "--request-rate", "inf", "--ignore-eos", "--num-warmups", str(WARMUPS),
             "--temperature", str(SAMPLING["temperature"]), "--top-p", str(SAMPLING["top_p"]),
             "--top-k", str(SAMPLING["top_k"]), "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name, "--disable-tqdm"]
+            "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name,
+            "--disable-tqdm"]
 
 
 def main(args: argparse.Namespace) -> int:

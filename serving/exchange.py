@@ -99,7 +99,7 @@ class Exchange:
     async def _with_backend(self, backend: Backend, response: Response) -> int:
         model = self.route.served_name
         conn: BackendConnection | None = None
-        finished = False
+        succeeded = False  # then the connection is reused once its body has ended
         try:
             async with asyncio.timeout(self.timeouts.first_byte_seconds) as deadline:
                 conn, _ = await backend.connections.connect(self.timeouts.connect_seconds)
@@ -109,42 +109,35 @@ class Exchange:
                 if not relayed:
                     payload = await conn.read_body()  # an error answer, or a whole (non-streamed) answer
             if status != 200:
-                finished = True
-                return self._pass_through(conn, status, payload, response)
-            if relayed:
+                result = self._pass_through(conn, status, payload, response)
+            elif relayed:
                 relay = self._stream_relay() if self.shaped is not None else None
                 first_byte_due = deadline.when() or asyncio.get_running_loop().time()
                 result = await self._relay(conn, response, relay, first_byte_due)
-                finished = True
-                return result
-            finished = True
+            else:
+                result = self._send_whole(payload, response)
+            succeeded = True
+            return result
         except TimeoutError:
             return self._failed(backend, "timeout", ApiError(
                 504, f"model {model!r} did not answer within {self.timeouts.first_byte_seconds:.0f} s",
                 code="upstream_timeout"), response, "the model backend stopped sending: timed out")
         except BackendStalled:
-            return self._failed(backend, "timeout", None, response,
-                                      "the model backend stopped sending: timed out")
+            return self._failed(backend, "timeout", None, response, "the model backend stopped sending: timed out")
         except ConnectionReset as exc:
             if not self.started:
                 raise StaleConnection from exc
             return self._failed(backend, "reset", None, response,
-                                      "the model backend failed mid-response; the answer is incomplete")
+                                "the model backend failed mid-response; the answer is incomplete")
         finally:
             if conn is not None:
-                if finished or conn.complete:
+                if succeeded or conn.complete:
                     conn.finish()
                 else:
                     conn.close()  # the backend sees the request end and aborts it (also when the client left)
-        usage = Usage()
-        body = rewrite_json_response(payload, self.route.served_name, self.route.name, usage)
-        usage.record(self.metrics, model)
-        self.started = True
-        response.send(200, [(b"content-type", b"application/json"), *self._our_headers()], body)
-        return 200
 
     def _failed(self, backend: Backend, kind: str, before_start: ApiError | None, response: Response,
-                      message: str) -> int:
+                message: str) -> int:
         """After the status line went out, an error can only be an SSE event; then the stream ends."""
         self.metrics.upstream_errors.labels(self.route.served_name, kind).inc()
         if not self.started:
@@ -153,6 +146,15 @@ class Exchange:
         if kind == "reset":
             self.pool.set_health(backend, False)
         response.end(sse_error_event(message, f"upstream_{kind}"))
+        return 200
+
+    def _send_whole(self, payload: bytes, response: Response) -> int:
+        """A non-streamed answer: the name the client asked for put back, its usage counted."""
+        usage = Usage()
+        body = rewrite_json_response(payload, self.route.served_name, self.route.name, usage)
+        usage.record(self.metrics, self.route.served_name)
+        self.started = True
+        response.send(200, [(b"content-type", b"application/json"), *self._our_headers()], body)
         return 200
 
     def _pass_through(self, conn: BackendConnection, status: int, payload: bytes, response: Response) -> int:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from serving.loop_histogram import LoopHistogram
 
 PREFIX = "qwen_proxy"
+# Set (by the supervisor, before prometheus-client is imported) when several workers share the metrics.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # LLM latencies: milliseconds for a cached prefill up to minutes for long reasoning.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300, 600)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
@@ -25,7 +27,7 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 6
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV)
         p = PREFIX
 
         def per_token(name: str, documentation: str, buckets: Sequence[float]) -> Any:
@@ -64,7 +66,6 @@ class Metrics:
                                 ["model", "backend"], registry=registry, multiprocess_mode="livemostrecent")
         self.rejected = Counter(f"{p}_rejected_requests", "Requests refused before reaching a backend",
                                 ["reason"], registry=registry)
-
 
     def exposition(self) -> bytes:
         if self.multiprocess_dir:

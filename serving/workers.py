@@ -19,7 +19,7 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from serving.metrics import MULTIPROC_ENV
 
 
 def supervise(argv: list[str], workers: int) -> int:
