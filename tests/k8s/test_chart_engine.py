@@ -235,17 +235,31 @@ def test_engine_pods_are_locked_down_as_far_as_vllm_allows(example: tuple[Path, 
 
 
 def test_services_route_to_vllm(example: tuple[Path, list[dict[str, Any]]]) -> None:
-    """Each model's Service selects the pods running vLLM (for Ray: the head only)."""
+    """The proxy's backend per model is its headless Service's DNS name; that Service and the
+    ClusterIP one select the same pods, those running vLLM (for Ray: the head only)."""
+    from tests.k8s.chart import NAMESPACE
+
     _, docs = example
     import yaml
 
     config = yaml.safe_load(one(docs, "ConfigMap", "qwen-qwen-serve-proxy")["data"]["proxy.yaml"])
     for entry in config["models"]:
         [backend] = entry["backends"]
-        name = backend.removeprefix("http://").split(":")[0]
-        service = one(docs, "Service", name)
-        pods = [(where, pod) for where, _, pod in engine_pods(docs)
-                if service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()]
-        assert pods, f"Service {name} selects no engine pod"
-        for where, pod in pods:
-            assert vllm_container(pod)["name"] in ("vllm", "ray-head"), f"{name} selects {where}"
+        host, port = backend.removeprefix("http://").rsplit(":", 1)
+        name, namespace, svc = host.split(".")
+        assert (namespace, svc, port) == (NAMESPACE, "svc", "8000"), backend
+        headless = one(docs, "Service", name)
+        assert headless["spec"]["clusterIP"] == "None", f"{name}: the proxy must resolve pods, not a virtual IP"
+        assert headless["spec"]["publishNotReadyAddresses"] is False, f"{name}: unready pods must stay out of DNS"
+        cluster_ip = one(docs, "Service", name.removesuffix("-headless"))
+        assert cluster_ip["spec"]["type"] == "ClusterIP"
+        assert headless["spec"]["selector"] == cluster_ip["spec"]["selector"]
+        for service in (headless, cluster_ip):
+            assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+            pods = [(where, pod) for where, _, pod in engine_pods(docs)
+                    if service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()]
+            assert pods, f"Service {service['metadata']['name']} selects no engine pod"
+            for where, pod in pods:
+                assert vllm_container(pod)["name"] in ("vllm", "ray-head"), f"{name} selects {where}"
+                assert pod["metadata"]["labels"]["qwen-serve.io/model"] == headless["metadata"]["labels"][
+                    "qwen-serve.io/model"], f"{name} selects another model's pod {where}"

@@ -131,22 +131,32 @@ def test_proxy_loads_the_rendered_config(path: Path, tmp_path: Path) -> None:
         profile = load_profile(name)
         for served in [profile.served_model_name, *profile.alias_names]:
             assert routes[served].profile.name == name
-            assert routes[served].entry.backends == [f"http://qwen-qwen-serve-{name}:8000"]
+            assert routes[served].entry.backends == [f"http://qwen-qwen-serve-{name}-headless.llm.svc:8000"]
+            assert routes[served].entry.routing == "prefix_affinity"
 
 
 def test_proxy_settings_reach_the_proxy_config(tmp_path: Path) -> None:
     """Each proxy.* value the chart documents arrives in proxy.yaml as the proxy reads it."""
     from tests.k8s.chart import render
 
-    docs = render(sets=["models.qwen3-4b-instruct-fp8.enabled=true", "proxy.workers=3", "proxy.limits.clientIdleSeconds=30", "proxy.limits.maxBodyBytes=2048",
-                        "proxy.limits.requestsPerMinutePerKey=120", "proxy.drainSeconds=12",
-                        "proxy.healthIntervalSeconds=7", "proxy.timeouts.firstByteSeconds=90"])
+    values = tmp_path / "values.yaml"  # a file: `--set` passes 0.5 as a string
+    values.write_text(yaml.safe_dump({"proxy": {"routing": {"epsilon": 0.5}}}))
+    docs = render([values], sets=["models.qwen3-4b-instruct-fp8.enabled=true", "models.qwq-32b-short.enabled=true",
+                                  "proxy.workers=3", "proxy.limits.clientIdleSeconds=30",
+                                  "proxy.limits.maxBodyBytes=2048", "proxy.limits.requestsPerMinutePerKey=120",
+                                  "proxy.drainSeconds=12", "proxy.healthIntervalSeconds=7",
+                                  "proxy.timeouts.firstByteSeconds=90", "proxy.routing.policy=least_in_flight",
+                                  "proxy.routing.sessionHeader=x-conversation", "proxy.dnsRefreshSeconds=11"])
     config = load_config(_load_rendered_proxy_config(docs, tmp_path))
     assert config.workers == 3
     assert (config.limits.client_idle_seconds, config.limits.max_body_bytes,
             config.limits.requests_per_minute_per_key) == (30, 2048, 120)
-    assert (config.drain_seconds, config.health_interval_seconds) == (12, 7)
+    assert (config.drain_seconds, config.health_interval_seconds, config.dns_refresh_seconds) == (12, 7, 11)
+    assert len(config.models) == 2
     assert {entry.timeouts.first_byte_seconds for entry in config.models} == {90}
+    assert {entry.routing for entry in config.models} == {"least_in_flight"}
+    assert {(entry.affinity.epsilon, entry.affinity.session_header) for entry in config.models} == {
+        (0.5, "x-conversation")}
 
 
 def test_a_profile_of_your_own_deploys_through_its_generated_block(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def test_custom_resources_are_covered() -> None:
     from tests.k8s.chart import render_example
 
     kinds = {d["kind"] for p in EXAMPLES for d in render_example(p.name) if is_custom(d)}
-    assert kinds == {"RayCluster", "ServiceMonitor", "PrometheusRule"}
+    assert kinds == {"RayCluster", "ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
 
 def test_names_fit_kubernetes_limits(example: tuple[Path, list[dict[str, Any]]]) -> None:

@@ -55,6 +55,19 @@ app.kubernetes.io/component: proxy
 {{- printf "%s-%s" (include "qwen-serve.fullname" .root | trunc 30 | trimSuffix "-") .name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+The headless Service of one model: `dict "root" $ "name" <profile name>`. Its DNS name resolves
+to every ready vLLM pod of the model, one address each: the proxy's discovery.
+*/}}
+{{- define "qwen-serve.engine.headlessName" -}}
+{{- printf "%s-headless" (include "qwen-serve.engine.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The proxy's backend URL for one model: its headless Service's DNS name. `dict "root" $ "name" <profile name>` */}}
+{{- define "qwen-serve.engine.discoveryURL" -}}
+{{- printf "http://%s.%s.svc:8000" (include "qwen-serve.engine.headlessName" .) .root.Release.Namespace }}
+{{- end }}
+
 {{/* Every engine pod of the release (NetworkPolicy, PodMonitor). */}}
 {{- define "qwen-serve.engine.componentLabels" -}}
 {{ include "qwen-serve.selectorLabels" . }}
@@ -122,6 +135,18 @@ Every refusal is here, with the model, the numbers and what to do.
 {{- fail (printf "models.%s: replicas %d: a multi-node model (%d GPUs over nodes of %d) is one RayCluster; set replicas: 1." $name $replicas $world $perNode) }}
 {{- end }}
 {{- $layout = dict "multiNode" true "nodes" (div $world $perNode) "gpusPerPod" $perNode }}
+{{- end }}
+{{- $scaling := $engine.autoscaling | default dict }}
+{{- if $scaling.enabled }}
+{{- if $layout.multiNode }}
+{{- fail (printf "models.%s: engine.autoscaling is for models in one pod (a Deployment); this one spans %d nodes as one RayCluster, and more Ray workers would not make another replica (tensor x pipeline is fixed). Set models.%s.engine.autoscaling.enabled=false." $name (int $layout.nodes) $name) }}
+{{- end }}
+{{- if not $scaling.serverAddress }}
+{{- fail (printf "models.%s: engine.autoscaling.enabled needs engine.autoscaling.serverAddress, the Prometheus KEDA queries, e.g. http://prometheus-operated.monitoring.svc:9090" $name) }}
+{{- end }}
+{{- if gt (int $scaling.minReplicas) (int $scaling.maxReplicas) }}
+{{- fail (printf "models.%s: engine.autoscaling.minReplicas (%d) is above maxReplicas (%d)." $name (int $scaling.minReplicas) (int $scaling.maxReplicas)) }}
+{{- end }}
 {{- end }}
 {{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout) }}
 {{- end }}
