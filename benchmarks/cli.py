@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
+from benchmarks.conversations import SHAPES
 from benchmarks.loadgen import Pattern
 from benchmarks.records import RequestRecord
 from benchmarks.runner import BenchConfig, BenchError
+from benchmarks.server_metrics import split_metrics_url
 from benchmarks.stats import parse_slos
 from benchmarks.workloads import WORKLOADS
 
@@ -21,6 +23,8 @@ EXAMPLES = """examples:
   python -m benchmarks run --model tiny-qwen3                        # 100 requests, concurrency 8
   python -m benchmarks run --model qwq-32b --workload reasoning --rate 0.5 --num-requests 50
   python -m benchmarks run --model tiny-qwen3 --sweep-rates 2,4,8,16,32 --slo ttft<=2s,tpot<=50ms
+  python -m benchmarks run --model tiny --workload multi-turn --conversations 16 --turns 5 \
+      --metrics-url a=http://127.0.0.1:8100/metrics --metrics-url b=http://127.0.0.1:8101/metrics
   python -m benchmarks run --model my-model --base-url http://vllm:8000 --tokenizer Qwen/QwQ-32B
   python -m benchmarks compare results/A.json results/B.json
 """
@@ -70,6 +74,21 @@ def sampling(text: str) -> dict[str, Any]:
     return fields
 
 
+def metrics_url(text: str) -> str:
+    try:
+        split_metrics_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def header_name(text: str) -> str:
+    name = text.strip().lower()
+    if not name or any(c in name for c in " :\t\r\n"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an HTTP header name")
+    return name
+
+
 def slos(text: str) -> Any:
     try:
         return parse_slos(text)
@@ -87,8 +106,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         help="non-streaming requests (no TTFT/ITL figures)")
     target.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                         help="Bearer key (default: $OPENAI_API_KEY); never written to results")
-    target.add_argument("--metrics-url", action="append", default=[], dest="metrics_urls",
-                        help="a /metrics URL to scrape before/during/after (vLLM's, the proxy's); repeatable")
+    target.add_argument("--metrics-url", action="append", default=[], dest="metrics_urls", type=metrics_url,
+                        metavar="[NAME=]URL",
+                        help="a /metrics URL to scrape before/during/after (vLLM's, the proxy's); repeatable. "
+                             "NAME labels it in the report (default host:port), e.g. a=http://vllm-a:8000/metrics: "
+                             "with several vLLM servers the report shows each one's requests and prefix-cache hits")
     target.add_argument("--timeout", type=positive_float, default=600.0, help="per-request seconds")
 
     work = p.add_argument_group("workload")
@@ -111,6 +133,19 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     work.add_argument("--sampling", type=sampling, default={},
                       help="explicit sampling fields, e.g. temperature=0.6,top_p=0.95 (default: none, "
                            "so each model's defaults apply)")
+
+    multi = p.add_argument_group("multi-turn workload (each turn re-sends the history, answers included)")
+    multi.add_argument("--conversations", type=positive_int, default=16, help="default %(default)s")
+    multi.add_argument("--turns", type=positive_int, default=5, help="turns per conversation; default %(default)s")
+    multi.add_argument("--shape", choices=sorted(SHAPES), default="history",
+                       help="history: short system prompt, 500-token first turns, 160-token follow-ups "
+                            "(default); long-system: a 1024-token shared system prompt, 128/64-token turns. "
+                            "The options below override its lengths")
+    multi.add_argument("--system-len", type=positive_int, help="tokens of the shared system prompt")
+    multi.add_argument("--first-turn-len", type=positive_int, help="tokens of each conversation's first user turn")
+    multi.add_argument("--follow-up-len", type=positive_int, help="tokens of each later user turn")
+    multi.add_argument("--session-header", type=header_name,
+                       help="send each conversation's id in this header (e.g. x-session-id); default: none")
 
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", type=positive_int, help="fixed concurrency (closed loop); default 8")
@@ -154,6 +189,13 @@ def patterns(args: argparse.Namespace) -> list[Pattern]:
 def config_from(args: argparse.Namespace) -> BenchConfig:
     long_context = args.workload == "long-context"
     natural = args.natural_output or (args.output_len is None and args.workload in ("reasoning", "jsonl"))
+    shape = SHAPES[args.shape]
+    if args.workload == "multi-turn":
+        if args.num_requests is not None:
+            raise BenchError("--workload multi-turn sends --conversations x --turns requests: drop --num-requests")
+        args.num_requests = args.conversations * args.turns
+        if args.output_len is None and not natural:
+            args.output_len = shape.output_tokens
     return BenchConfig(
         base_url=args.base_url.rstrip("/").removesuffix("/v1"), model=args.model, workload=args.workload,
         api=args.api, stream=args.stream, num_requests=args.num_requests or (4 if long_context else 100),
@@ -165,7 +207,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         output_dist=args.output_dist, output_spread=args.output_spread, prefix_len=args.prefix_len,
         dataset=args.dataset, tokenizer=args.tokenizer, sampling=args.sampling, slos=args.slo,
         metrics_urls=args.metrics_urls, api_key=args.api_key, seed=args.seed, calibrate=args.calibrate,
-        timeout_s=args.timeout,
+        timeout_s=args.timeout, conversations=args.conversations, turns=args.turns,
+        system_len=args.system_len or shape.system_tokens, first_turn_len=args.first_turn_len or shape.first_turn_tokens,
+        follow_up_len=args.follow_up_len or shape.follow_up_tokens, session_header=args.session_header,
     )
 
 

@@ -60,14 +60,26 @@ def _event_of(choice: dict[str, Any], chat: bool) -> tuple[bool, bool]:
     return reasoning and not delta.get("content"), bool(delta.get("content"))
 
 
+def _answer_text(choice: dict[str, Any], chat: bool) -> str:
+    if not chat:
+        return str(choice.get("text") or "")
+    part = choice.get("delta") or choice.get("message") or {}
+    return str(part.get("content") or "")
+
+
 async def send(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[str, Any],
-               record: RequestRecord) -> RequestRecord:
+               record: RequestRecord, keep_answer: bool = False,
+               headers: dict[str, str] | None = None) -> RequestRecord:
+    """Send `body` and time it into `record`; `keep_answer` also keeps the answer text (a
+    multi-turn client re-sends it), `headers` are added to the endpoint's."""
     chat = endpoint.api == "chat"
     payload = json.dumps(body).encode()
+    pieces: list[str] = []
     record.start = start = time.perf_counter()
     try:
         async with asyncio.timeout(endpoint.timeout_s):
-            async with session.post(endpoint.url, data=payload, headers=endpoint.headers()) as response:
+            async with session.post(endpoint.url, data=payload,
+                                    headers=endpoint.headers() | (headers or {})) as response:
                 if response.status != 200:
                     record.error = f"http_{response.status}"
                     record.error_detail = (await response.text())[:300]
@@ -76,6 +88,8 @@ async def send(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[st
                     data = await response.json(content_type=None)
                     record.end = time.perf_counter() - start
                     _usage(record, data.get("usage") or {})
+                    if keep_answer:
+                        record.answer = "".join(_answer_text(c, chat) for c in data.get("choices", [])[:1])
                     record.ok = True
                     return record
                 done = False
@@ -103,6 +117,8 @@ async def send(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[st
                             record.answer_chunks += 1
                         if answer and record.first_answer_time is None:
                             record.first_answer_time = now
+                        if keep_answer:
+                            pieces.append(_answer_text(choices[0], chat))
                     usage = data.get("usage")
                     if usage:
                         _usage(record, usage)
@@ -112,6 +128,8 @@ async def send(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[st
                     record.error = "no_tokens"
                 else:
                     record.ok = True
+                    if keep_answer:
+                        record.answer = "".join(pieces)
     except TimeoutError:
         record.error = "timeout"
     except aiohttp.ClientConnectorError as exc:

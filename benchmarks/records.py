@@ -28,6 +28,9 @@ class RequestRecord:
     prompt_tokens: int | None = None         # server usage
     completion_tokens: int | None = None
     reasoning_tokens: int | None = None      # usage.completion_tokens_details.reasoning_tokens
+    answer: str | None = None                # the answer text, when the sender asked to keep it
+    conversation: int | None = None          # multi-turn workload: which conversation, which turn
+    turn: int | None = None
 
     @property
     def ttft(self) -> float | None:

@@ -26,6 +26,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("server: tokens in / out", "_server_tokens", "{}"),
     ("server: preemptions", "_preemptions", "{}"),
     ("server: peak KV cache", "_kv", "{}"),
+    ("server: requests per vLLM", "_backend_requests", "{}"),
+    ("server: prefix-cache hit rate", "_hit_rate", "{}"),
 ]
 
 
@@ -33,8 +35,34 @@ def _fmt(value: float) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def _server(run: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next((s for s in run.get("server_metrics", []) if s.get("kind") == kind), {})
+def _vllm(run: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's counters summed over every vLLM server scraped, peaks as the highest of them."""
+    total: dict[str, Any] = {}
+    for server in run.get("server_metrics", []):
+        if server.get("kind") != "vllm":
+            continue
+        for key, value in server.items():
+            if key.startswith("peak_"):
+                total[key] = max(total.get(key, 0.0), value)
+            elif isinstance(value, (int, float)) and key != "prefix_cache_hit_rate":
+                total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def _backend_cells(run: dict[str, Any]) -> tuple[str, str]:
+    """(requests per vLLM server with max/mean, prefix-cache hit rate overall and per server)."""
+    summary = run.get("backends")
+    if not summary:
+        return "-", "-"
+    per = summary["per_backend"]
+    rate = "-" if summary["prefix_cache_hit_rate"] is None else f"{summary['prefix_cache_hit_rate']:.2f}"
+    if len(per) == 1:
+        return f"{summary['requests']:.0f}", rate
+    requests = " / ".join(f"{name} {b['requests']:.0f}" for name, b in per.items())
+    balance = summary["requests_max_over_mean"]
+    rates = " / ".join(f"{name} {'-' if b['prefix_cache_hit_rate'] is None else format(b['prefix_cache_hit_rate'], '.2f')}"
+                       for name, b in per.items())
+    return (f"{requests} (max/mean {'-' if balance is None else format(balance, '.2f')})", f"{rate} ({rates})")
 
 
 def cell(run: dict[str, Any], key: str, fmt: str) -> str:
@@ -45,7 +73,11 @@ def cell(run: dict[str, Any], key: str, fmt: str) -> str:
         return f"{_fmt(run[f'median_{name}_ms'])} / {_fmt(run[f'p99_{name}_ms'])}"
     if key == "_ttft_more":
         return " / ".join(_fmt(run[f"{s}_ttft_ms"]) for s in ("mean", "p90", "max"))
-    vllm = _server(run, "vllm")
+    if key == "_backend_requests":
+        return _backend_cells(run)[0]
+    if key == "_hit_rate":
+        return _backend_cells(run)[1]
+    vllm = _vllm(run)
     if key == "_server_tokens":
         if "prompt_tokens" not in vllm:
             return "-"
@@ -61,7 +93,12 @@ def cell(run: dict[str, Any], key: str, fmt: str) -> str:
 def table(result: dict[str, Any]) -> str:
     runs = result["runs"]
     config = result["config"]
-    header = (f"{config['workload']} workload against {result['served_model']} at {config['base_url']} "
+    workload = config["workload"]
+    if workload == "multi-turn":
+        workload = (f"multi-turn ({config['conversations']} conversations x {config['turns']} turns; tokens: "
+                    f"system {config['system_len']}, first turn {config['first_turn_len']}, follow-up "
+                    f"{config['follow_up_len']}, answer {config['output_len']})")
+    header = (f"{workload} workload against {result['served_model']} at {config['base_url']} "
               f"({config['api']}, {'streaming' if config['stream'] else 'not streaming'}, "
               f"seed {config['seed']})")
     width = max(len(label) for label, _, _ in ROWS) + 2
@@ -78,6 +115,11 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"reasoning at {run['label']}: {reasoning['reasoning_tokens']} reasoning / "
                          f"{reasoning['answer_tokens']} answer tokens ({reasoning['reasoning_tokens_source']}), "
                          f"time to first answer token median {_fmt(reasoning['median_ttfat_ms'])} ms")
+        if run.get("turns"):
+            lines.append(f"by turn at {run['label']}: " + ", ".join(
+                f"{t['turn']}: TTFT median {_fmt(t['median_ttft_ms'])} ms over "
+                f"{'-' if t['mean_prompt_tokens'] is None else format(t['mean_prompt_tokens'], '.0f')} tokens"
+                for t in run["turns"]))
         for warning in run["warnings"]:
             lines.append(f"warning: {warning}")
         if run.get("missing_usage"):
@@ -114,8 +156,12 @@ def _strict(value: Any) -> Any:
 
 
 def write(result: dict[str, Any], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{result_stem(result)}.json"
+    return write_to(result, directory / f"{result_stem(result)}.json")
+
+
+def write_to(result: dict[str, Any], path: Path) -> Path:
+    """The results as strict JSON at `path` (directories created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_strict(result), indent=1, allow_nan=False) + "\n")
     return path
 

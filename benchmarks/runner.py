@@ -15,17 +15,19 @@ import platform
 import random
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from benchmarks import calibrate, loadgen, workloads
+from benchmarks import calibrate, conversation_load, conversations, loadgen, workloads
 from benchmarks.client import Endpoint
+from benchmarks.conversations import Shape
 from benchmarks.records import RequestRecord
-from benchmarks.server_metrics import Scraper
-from benchmarks.stats import Slo, summarize
+from benchmarks.server_metrics import Scraper, backends, split_metrics_url, stop_all
+from benchmarks.stats import Slo, conversations_completed, summarize, turn_figures
 from benchmarks.workloads import Lengths, RequestSpec, WorkloadError
 from deploy.errors import DeployError
 from deploy.profile import Profile, known_profiles, load_profile
@@ -64,6 +66,17 @@ class BenchConfig:
     seed: int = 0
     calibrate: bool = True
     timeout_s: float = 600.0
+    # The multi-turn workload (benchmarks/conversations.py); output_len is each answer's length.
+    conversations: int = 16
+    turns: int = 5
+    system_len: int = 32
+    first_turn_len: int = 500
+    follow_up_len: int = 160
+    session_header: str | None = None
+
+    def shape(self) -> Shape:
+        return Shape(self.conversations, self.turns, self.system_len, self.first_turn_len,
+                                   self.follow_up_len, self.output_len or 64)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -165,28 +178,121 @@ def build_workload(config: BenchConfig, profile: Profile | None, count: int) -> 
 
 def _compact(record: RequestRecord) -> dict[str, Any]:
     """Per-request figures kept in the results (enough to recompute every statistic)."""
-    return {"start": record.start, "ok": record.ok, "error": record.error,
-            "ttft": record.ttft, "e2el": record.e2e, "first_answer": record.first_answer_time,
-            "token_times": [round(t, 6) for t in record.token_times],
-            "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
-            "reasoning_tokens": record.reasoning_tokens, "reasoning_chunks": record.reasoning_chunks}
+    out = {"start": record.start, "ok": record.ok, "error": record.error,
+           "ttft": record.ttft, "e2el": record.e2e, "first_answer": record.first_answer_time,
+           "token_times": [round(t, 6) for t in record.token_times],
+           "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+           "reasoning_tokens": record.reasoning_tokens, "reasoning_chunks": record.reasoning_chunks}
+    if record.conversation is not None:
+        out |= {"conversation": record.conversation, "turn": record.turn}
+    return out
 
 
-async def _measure(endpoint: Endpoint, bodies: list[dict[str, Any]], pattern: loadgen.Pattern,
-                   config: BenchConfig, names: frozenset[str],
+Load = Callable[[Callable[[RequestRecord], None] | None], Awaitable[list[RequestRecord]]]
+
+
+async def _measure(load: Load, config: BenchConfig, names: frozenset[str],
                    progress: Any) -> tuple[list[RequestRecord], list[dict[str, Any]]]:
     async with aiohttp.ClientSession() as session:
-        scrapers = [Scraper(url, names) for url in config.metrics_urls]
+        scrapers = [Scraper(url, names, name=label) for label, url in map(split_metrics_url, config.metrics_urls)]
         for scraper in scrapers:
             await scraper.start(session)
         records: list[RequestRecord] = []
         try:
-            records = await loadgen.run(endpoint, bodies, pattern, config.duration_s, config.seed,
-                                        on_done=progress)
+            records = await load(progress)
         finally:
-            for scraper in scrapers:
-                await scraper.stop(session, sum(1 for r in records if r.ok))
+            await stop_all(scrapers, session, sum(1 for r in records if r.ok))
     return records, [s.report() for s in scrapers]
+
+
+def _figures(records: list[RequestRecord], pattern: loadgen.Pattern, server: list[dict[str, Any]],
+             config: BenchConfig, ceiling: dict[str, Any]) -> dict[str, Any]:
+    figures = summarize(records, config.slos)
+    figures["label"] = pattern.label
+    figures.update(pattern.as_dict())
+    figures["chunks_per_second"] = sum(len(r.token_times) for r in records) / figures["duration"]
+    figures["server_metrics"] = server
+    figures["backends"] = backends(server)
+    figures["warnings"] = calibrate.warnings_for(figures, ceiling)
+    sample_errors = sorted({f"{r.error}: {r.error_detail}" for r in records if r.error_detail})[:5]
+    figures["error_samples"] = sample_errors
+    figures["requests"] = [_compact(r) for r in sorted(records, key=lambda r: r.start)]
+    return figures
+
+
+def _single_turn_runs(config: BenchConfig, profile: Profile | None, endpoint: Endpoint, names: frozenset[str],
+                      ceiling: dict[str, Any], progress_factory: Any) -> list[dict[str, Any]]:
+    specs = build_workload(config, profile, config.num_requests + config.warmup)
+    api: workloads.Api = "chat" if config.api == "chat" else "completions"
+    bodies = [spec.body(endpoint.model, api, config.stream, config.sampling) for spec in specs]
+    warmup, measured = bodies[: config.warmup], bodies[config.warmup:]
+    runs = []
+    for pattern in config.patterns:
+        if warmup:
+            asyncio.run(loadgen.run(endpoint, warmup, loadgen.Pattern(concurrency=pattern.concurrency or 4)))
+        progress = progress_factory(len(measured), pattern.label) if progress_factory else None
+
+        def load(on_done: Callable[[RequestRecord], None] | None,
+                 pattern: loadgen.Pattern = pattern) -> Awaitable[list[RequestRecord]]:
+            return loadgen.run(endpoint, measured, pattern, config.duration_s, config.seed, on_done=on_done)
+
+        try:
+            records, server = asyncio.run(_measure(load, config, names, progress.update_record if progress else None))
+        finally:
+            if progress:
+                progress.close()
+        runs.append(_figures(records, pattern, server, config, ceiling))
+    return runs
+
+
+def check_multi_turn(config: BenchConfig) -> None:
+    if config.api != "chat":
+        raise BenchError("--workload multi-turn sends chat requests (the history is a list of messages): "
+                         "drop --api completions")
+    if config.output_len is None:
+        raise BenchError("--workload multi-turn needs fixed answer lengths (--output-len), not --natural-output")
+    if any(p.rate is not None for p in config.patterns) or config.duration_s is not None:
+        raise BenchError("--workload multi-turn is a closed loop of conversations: use --concurrency or "
+                         "--sweep-concurrency (no --rate, --sweep-rates or --duration)")
+
+
+def _multi_turn_runs(config: BenchConfig, profile: Profile | None, endpoint: Endpoint, names: frozenset[str],
+                     ceiling: dict[str, Any], progress_factory: Any) -> list[dict[str, Any]]:
+    """One run per concurrency, each on its own script (seed + index): a second point on the same
+    prompts would find them in the server's prefix cache."""
+    check_multi_turn(config)
+    shape = config.shape()
+    counter = workloads.TokenCounter(load_tokenizer(config, profile), "chat")
+    try:
+        conversations.check_fits(counter, shape, profile.max_model_len if profile else None)
+        scripts = [conversations.build(counter, shape, config.seed + i) for i in range(len(config.patterns))]
+    except WorkloadError as exc:
+        raise BenchError(str(exc)) from None
+    runs = []
+    for index, (pattern, script) in enumerate(zip(config.patterns, scripts, strict=True)):
+        concurrency = pattern.concurrency or 8
+        warmup = conversations.warmup_bodies(counter, shape, config.warmup, config.seed + index, endpoint.model,
+                                             config.stream, config.sampling)
+        if warmup:
+            asyncio.run(loadgen.run(endpoint, warmup, loadgen.Pattern(concurrency=concurrency)))
+        progress = progress_factory(shape.conversations * shape.turns, pattern.label) if progress_factory else None
+
+        def load(on_done: Callable[[RequestRecord], None] | None, script: conversations.Script = script,
+                 concurrency: int = concurrency) -> Awaitable[list[RequestRecord]]:
+            return conversation_load.run(endpoint, script, concurrency, config.sampling, config.session_header,
+                                         on_done=on_done)
+
+        try:
+            records, server = asyncio.run(_measure(load, config, names, progress.update_record if progress else None))
+        finally:
+            if progress:
+                progress.close()
+        figures = _figures(records, pattern, server, config, ceiling)
+        figures["seed"] = config.seed + index
+        figures["turns"] = turn_figures(records, shape.turns)
+        figures["conversations_completed"] = conversations_completed(records, shape.conversations, shape.turns)
+        runs.append(figures)
+    return runs
 
 
 def run(config: BenchConfig, progress_factory: Any = None) -> dict[str, Any]:
@@ -194,34 +300,12 @@ def run(config: BenchConfig, progress_factory: Any = None) -> dict[str, Any]:
     endpoint = Endpoint(config.base_url, name, config.api, config.stream, config.api_key, config.timeout_s)
     # Servers label metrics with the served name, proxies perhaps with an alias: accept all of them.
     names = frozenset({name, *((profile.served_model_name, *profile.alias_names) if profile else ())})
+    if config.workload == "multi-turn":
+        check_multi_turn(config)
 
     ceiling = calibrate.measure() if config.calibrate else {}
-    specs = build_workload(config, profile, config.num_requests + config.warmup)
-    api: workloads.Api = "chat" if config.api == "chat" else "completions"
-    bodies = [spec.body(name, api, config.stream, config.sampling) for spec in specs]
-    warmup, measured = bodies[: config.warmup], bodies[config.warmup:]
-
-    runs = []
-    for pattern in config.patterns:
-        if warmup:
-            asyncio.run(loadgen.run(endpoint, warmup, loadgen.Pattern(concurrency=pattern.concurrency or 4)))
-        progress = progress_factory(len(measured), pattern.label) if progress_factory else None
-        try:
-            records, server = asyncio.run(_measure(endpoint, measured, pattern, config, names,
-                                                   progress.update_record if progress else None))
-        finally:
-            if progress:
-                progress.close()
-        figures = summarize(records, config.slos)
-        figures["label"] = pattern.label
-        figures.update(pattern.as_dict())
-        figures["chunks_per_second"] = sum(len(r.token_times) for r in records) / figures["duration"]
-        figures["server_metrics"] = server
-        figures["warnings"] = calibrate.warnings_for(figures, ceiling)
-        sample_errors = sorted({f"{r.error}: {r.error_detail}" for r in records if r.error_detail})[:5]
-        figures["error_samples"] = sample_errors
-        figures["requests"] = [_compact(r) for r in sorted(records, key=lambda r: r.start)]
-        runs.append(figures)
+    runs_of = _multi_turn_runs if config.workload == "multi-turn" else _single_turn_runs
+    runs = runs_of(config, profile, endpoint, names, ceiling, progress_factory)
 
     return {
         "schema_version": SCHEMA_VERSION,

@@ -1,13 +1,18 @@
 """The server's own view of a run: Prometheus counters before/after, gauges sampled during.
 
 Reported next to the client's figures so a disagreement is visible: tokens the server counted,
-preemptions, peak KV-cache usage and queueing (vLLM), and the proxy's token counters.
+preemptions, peak KV-cache usage and queueing (vLLM), and the proxy's token counters. With
+several vLLM servers behind a proxy, each one's requests and prefix-cache hits show where the
+requests went and what their caches saved (`backends`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +42,17 @@ PEAK_GAUGES = {
     "qwen_proxy_requests_in_flight": "peak_proxy_in_flight",
 }
 MODEL_LABELS = ("model_name", "model")
+_LABELLED = re.compile(r"^([A-Za-z0-9_.-]+)=(https?://.+)$")
+
+
+def split_metrics_url(spec: str) -> tuple[str, str]:
+    """`NAME=URL` or `URL` -> (name, url); an unnamed URL is named by its host:port."""
+    labelled = _LABELLED.match(spec)
+    if labelled:
+        return labelled.group(1), labelled.group(2)
+    if not spec.startswith(("http://", "https://")):
+        raise ValueError(f"--metrics-url {spec!r}: expected URL or NAME=URL with an http(s):// URL")
+    return urllib.parse.urlsplit(spec).netloc, spec
 
 
 def parse(text: str, models: frozenset[str]) -> dict[str, float]:
@@ -58,6 +74,7 @@ class Scraper:
 
     url: str
     models: frozenset[str]
+    name: str = ""
     interval_s: float = 0.1
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
@@ -111,32 +128,41 @@ class Scraper:
                 return self.after[name] - self.before.get(name, 0.0)
         return float("inf")
 
-    async def stop(self, session: aiohttp.ClientSession, requests: int, settle_s: float = 3.0) -> None:
-        """The final scrape, once the server has counted at least `requests` and its counters
-        stopped moving."""
+    async def stop_sampling(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+
+    async def final_scrape(self, session: aiohttp.ClientSession, settle_s: float) -> None:
         if self.error is not None:
             return
-        deadline = asyncio.get_running_loop().time() + settle_s
         try:
-            while True:
-                self.after = await self._settled(session, settle_s)
-                self._note_peaks(self.after)
-                if self._requests_counted() >= requests or asyncio.get_running_loop().time() > deadline:
-                    return
+            self.after = await self._settled(session, settle_s)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
+            return
+        self._note_peaks(self.after)
+
+    async def stop(self, session: aiohttp.ClientSession, requests: int, settle_s: float = 3.0) -> None:
+        """The final scrape, once the server has counted at least `requests` and its counters
+        stopped moving."""
+        await stop_all([self], session, requests, settle_s)
+
+    @property
+    def kind(self) -> str:
+        values = self.after or self.before
+        if any(k.startswith("vllm:") for k in values):
+            return "vllm"
+        return "proxy" if any(k.startswith("qwen_proxy_") for k in values) else "unknown"
 
     def report(self) -> dict[str, Any]:
         if self.error is not None:
-            return {"url": self.url, "error": self.error}
-        kind = "vllm" if any(k.startswith("vllm:") for k in self.after) else (
-            "proxy" if any(k.startswith("qwen_proxy_") for k in self.after) else "unknown")
+            return {"url": self.url, "name": self.name, "error": self.error}
+        kind = self.kind
         counters = VLLM_COUNTERS if kind == "vllm" else PROXY_COUNTERS
-        out: dict[str, Any] = {"url": self.url, "kind": kind}
+        out: dict[str, Any] = {"url": self.url, "name": self.name, "kind": kind}
         for name, key in counters.items():
             if name in self.after:
                 out[key] = self.after[name] - self.before.get(name, 0.0)
@@ -146,3 +172,48 @@ class Scraper:
         if kind == "vllm" and out.get("prefix_cache_queries"):
             out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits", 0.0) / out["prefix_cache_queries"]
         return out
+
+
+async def stop_all(scrapers: Sequence[Scraper], session: aiohttp.ClientSession, requests: int,
+                   settle_s: float = 3.0) -> None:
+    """The final scrapes, once the servers have counted the run's `requests` and their counters
+    stopped moving: each proxy all of them, the vLLM servers together (each saw its share)."""
+    for scraper in scrapers:
+        await scraper.stop_sampling()
+    deadline = asyncio.get_running_loop().time() + settle_s
+    while True:
+        for scraper in scrapers:
+            await scraper.final_scrape(session, settle_s)
+        live = [s for s in scrapers if s.error is None]
+        engines = [s for s in live if s.kind == "vllm"]
+        others = [s for s in live if s.kind != "vllm"]
+        engines_done = not engines or sum(s._requests_counted() for s in engines) >= requests
+        if (engines_done and all(s._requests_counted() >= requests for s in others)) \
+                or asyncio.get_running_loop().time() > deadline:
+            return
+
+
+def backends(reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where the requests went and what each vLLM's prefix cache saved: per vLLM server (by
+    name), and over all of them (hit rate = hits / queries summed; requests max / mean)."""
+    engines = [r for r in reports if r.get("kind") == "vllm"]
+    if not engines:
+        return None
+    per: dict[str, dict[str, Any]] = {}
+    for report in engines:
+        per[report["name"] or report["url"]] = {
+            "requests": report.get("requests_finished", 0.0),
+            "prefix_cache_queries": report.get("prefix_cache_queries", 0.0),
+            "prefix_cache_hits": report.get("prefix_cache_hits", 0.0),
+            "prefix_cache_hit_rate": report.get("prefix_cache_hit_rate"),
+        }
+    queries = sum(b["prefix_cache_queries"] for b in per.values())
+    hits = sum(b["prefix_cache_hits"] for b in per.values())
+    requests = [b["requests"] for b in per.values()]
+    mean = sum(requests) / len(requests)
+    return {
+        "per_backend": per,
+        "requests": sum(requests),
+        "prefix_cache_hit_rate": hits / queries if queries else None,
+        "requests_max_over_mean": max(requests) / mean if mean else None,
+    }

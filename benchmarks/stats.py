@@ -186,3 +186,23 @@ def reasoning_summary(done: Sequence[RequestRecord]) -> dict[str, Any] | None:
     for stat, value in distribution(first_answer).items():
         summary[f"{stat}_ttfat_ms"] = value
     return summary
+
+
+def turn_figures(records: Sequence[RequestRecord], turns: int) -> list[dict[str, Any]]:
+    """Per turn of the conversations: how many completed, their TTFT and prompt length (later
+    turns carry more history, which a warm prefix cache does not recompute)."""
+    out = []
+    for turn in range(turns):
+        done = [r for r in records if r.turn == turn and r.ok]
+        ttft = distribution([r.ttft for r in done if r.ttft is not None])
+        prompts = [r.prompt_tokens for r in done if r.prompt_tokens is not None]
+        out.append({"turn": turn + 1, "completed": len(done), "median_ttft_ms": ttft["median"],
+                    "p99_ttft_ms": ttft["p99"],
+                    "mean_prompt_tokens": sum(prompts) / len(prompts) if prompts else None})
+    return out
+
+
+def conversations_completed(records: Sequence[RequestRecord], conversations: int, turns: int) -> int:
+    """Conversations whose every turn completed."""
+    done = Counter(r.conversation for r in records if r.ok and r.conversation is not None)
+    return sum(1 for c in range(conversations) if done[c] == turns)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-WORKLOADS = ("synthetic", "shared-prefix", "long-context", "reasoning", "jsonl")
+WORKLOADS = ("synthetic", "shared-prefix", "long-context", "reasoning", "jsonl", "multi-turn")
 Api = Literal["chat", "completions"]
 
 # The vendor's prompt convention for math benchmarks (QwQ-32B and Qwen3 thinking models).
