@@ -136,6 +136,12 @@ bench-crosscheck: install ## Same workload with this tool and `vllm bench serve`
 bench-proxy: install tiny-model ## Proxy overhead: the same load direct and through the proxy, side by side
 	$(PY) -m benchmarks.proxy_overhead
 
+ROUTING_ARGS ?=
+
+.PHONY: bench-routing
+bench-routing: install tiny-model ## Routing across replicas: one vLLM vs two behind the proxy per policy, multi-turn, prefix-cache hits side by side (ROUTING_ARGS=...)
+	$(PY) -m benchmarks.routing $(ROUTING_ARGS)
+
 ##@ Test
 
 .PHONY: test

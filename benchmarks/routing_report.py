@@ -1,0 +1,82 @@
+"""The routing benchmark's figures: one row per setup from its results, printed side by side,
+and issue 14's targets checked against them (figures to read, not a test)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.conversations import Shape
+
+SINGLE = "one server"
+# The setups in the order they run and print; each two-server setup is named by its policy.
+POLICIES = ("least_in_flight", "prefix_affinity")
+
+
+def row(setup: str, result: dict[str, Any], path: str) -> dict[str, Any]:
+    """What the comparison needs from one setup's results (its only run)."""
+    [run] = result["runs"]
+    summary = run.get("backends") or {}
+    per = summary.get("per_backend", {})
+    return {
+        "setup": setup,
+        "seed": run.get("seed"),
+        "completed": run["completed"],
+        "failed": run["failed"],
+        "conversations_completed": run.get("conversations_completed"),
+        "prefix_cache_hit_rate": summary.get("prefix_cache_hit_rate"),
+        "requests_per_backend": {name: b["requests"] for name, b in per.items()},
+        "hit_rate_per_backend": {name: b["prefix_cache_hit_rate"] for name, b in per.items()},
+        "requests_max_over_mean": summary.get("requests_max_over_mean") if len(per) > 1 else None,
+        "median_ttft_ms": run["median_ttft_ms"],
+        "p99_ttft_ms": run["p99_ttft_ms"],
+        "results": path,
+    }
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+ROWS: list[tuple[str, Any]] = [
+    ("prefix-cache hit rate (all vLLMs)", lambda r: _num(r["prefix_cache_hit_rate"], ".2f")),
+    ("hit rate per vLLM", lambda r: " / ".join(f"{n} {_num(v, '.2f')}" for n, v in r["hit_rate_per_backend"].items())),
+    ("requests per vLLM", lambda r: " / ".join(f"{n} {v:.0f}" for n, v in r["requests_per_backend"].items())),
+    ("requests max / mean", lambda r: _num(r["requests_max_over_mean"], ".2f")),
+    ("TTFT p50 / p99 (ms)", lambda r: f"{_num(r['median_ttft_ms'], '.0f')} / {_num(r['p99_ttft_ms'], '.0f')}"),
+    ("completed / failed", lambda r: f"{r['completed']} / {r['failed']}"),
+    ("seed", lambda r: str(r["seed"])),
+]
+
+
+def side_by_side(shape_name: str, shape: Shape, concurrency: int, rows: list[dict[str, Any]]) -> str:
+    header = (f"{shape_name}: {shape.conversations} conversations x {shape.turns} turns, {concurrency} in flight; "
+              f"tokens: system {shape.system_tokens}, first turn {shape.first_turn_tokens}, follow-up "
+              f"{shape.follow_up_tokens}, answer {shape.output_tokens}")
+    cells = [[render(r) for _, render in ROWS] for r in rows]
+    width = max(len(label) for label, _ in ROWS) + 2
+    widths = [max(len(r["setup"]), *(len(c) for c in col)) + 3 for r, col in zip(rows, cells, strict=True)]
+    lines = [header, " " * width + "".join(r["setup"].rjust(w) for r, w in zip(rows, widths, strict=True))]
+    for i, (label, _) in enumerate(ROWS):
+        lines.append(label.ljust(width) + "".join(col[i].rjust(w) for col, w in zip(cells, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 14's targets on the history-dominated shape, each `met` or `NOT met` with its figures."""
+    by = {r["setup"]: r for r in rows}
+    single, lif, pa = by.get(SINGLE), by.get("least_in_flight"), by.get("prefix_affinity")
+    if not (single and lif and pa) or None in (single["prefix_cache_hit_rate"], lif["prefix_cache_hit_rate"],
+                                               pa["prefix_cache_hit_rate"]):
+        return ["targets: need one server, least_in_flight and prefix_affinity runs with prefix-cache counters"]
+    hit_single, hit_lif, hit_pa = (r["prefix_cache_hit_rate"] for r in (single, lif, pa))
+    checks = [
+        (f"prefix_affinity hit rate {hit_pa:.2f} >= 0.9 x one server's {hit_single:.2f} = {0.9 * hit_single:.2f}",
+         hit_pa >= 0.9 * hit_single),
+        (f"prefix_affinity hit rate {hit_pa:.2f} >= 1.25 x least_in_flight's {hit_lif:.2f} = {1.25 * hit_lif:.2f}",
+         hit_pa >= 1.25 * hit_lif),
+        (f"prefix_affinity requests max / mean {_num(pa['requests_max_over_mean'], '.2f')} <= 1.3",
+         pa["requests_max_over_mean"] is not None and pa["requests_max_over_mean"] <= 1.3),
+        (f"prefix_affinity TTFT p50 {pa['median_ttft_ms']:.0f} ms < least_in_flight's {lif['median_ttft_ms']:.0f} ms",
+         pa["median_ttft_ms"] < lif["median_ttft_ms"]),
+    ]
+    return [f"target {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]

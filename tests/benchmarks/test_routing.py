@@ -1,0 +1,115 @@
+"""The routing benchmark: the proxy configs it generates, its side-by-side figures and targets
+(unit), and one tiny run of the whole thing against real vLLM servers and proxies (structure only:
+never timing or hit-rate thresholds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.conversations import Shape
+from benchmarks.routing import proxy_config
+from benchmarks.routing_report import SINGLE, row, side_by_side, targets
+from deploy.paths import REPO_ROOT
+from serving.config import ProxyConfig
+from tests.conftest import RunningServer
+
+
+@pytest.mark.parametrize("policy", ["least_in_flight", "prefix_affinity"])
+def test_generated_proxy_config_is_what_the_proxy_loads(policy: str) -> None:
+    config = ProxyConfig.model_validate(
+        proxy_config("tiny-qwen3", 9001, ["http://127.0.0.1:8100", "http://127.0.0.1:8101"], policy))
+    [model] = config.models
+    assert model.routing == policy and model.backends == ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]
+    assert config.listen.port == 9001
+    single = ProxyConfig.model_validate(proxy_config("tiny-qwen3", 9002, ["http://127.0.0.1:8100"], None))
+    assert single.models[0].backends == ["http://127.0.0.1:8100"]
+
+
+def fake_result(seed: int, per_backend: dict[str, tuple[float, float | None]], hit_rate: float | None,
+                balance: float | None, ttft: float) -> dict[str, Any]:
+    per = {name: {"requests": requests, "prefix_cache_queries": 1.0, "prefix_cache_hits": 0.0,
+                  "prefix_cache_hit_rate": rate} for name, (requests, rate) in per_backend.items()}
+    return {"runs": [{"seed": seed, "completed": 80, "failed": 0, "conversations_completed": 16,
+                      "median_ttft_ms": ttft, "p99_ttft_ms": ttft * 3,
+                      "backends": {"per_backend": per, "prefix_cache_hit_rate": hit_rate,
+                                   "requests_max_over_mean": balance}}]}
+
+
+ROWS = [
+    row(SINGLE, fake_result(1, {"a": (80, 0.68)}, 0.68, 1.0, 377.0), "one.json"),
+    row("least_in_flight", fake_result(2, {"a": (41, 0.5), "b": (39, 0.48)}, 0.49, 1.025, 483.0), "lif.json"),
+    row("prefix_affinity", fake_result(3, {"a": (44, 0.7), "b": (36, 0.66)}, 0.68, 1.1, 390.0), "pa.json"),
+]
+
+
+def test_rows_carry_the_compared_figures() -> None:
+    single, lif, _ = ROWS
+    assert single["requests_max_over_mean"] is None  # one server: no balance to speak of
+    assert lif == {"setup": "least_in_flight", "seed": 2, "completed": 80, "failed": 0,
+                   "conversations_completed": 16, "prefix_cache_hit_rate": 0.49,
+                   "requests_per_backend": {"a": 41, "b": 39}, "hit_rate_per_backend": {"a": 0.5, "b": 0.48},
+                   "requests_max_over_mean": 1.025, "median_ttft_ms": 483.0, "p99_ttft_ms": 1449.0,
+                   "results": "lif.json"}
+
+
+def test_side_by_side_has_one_column_per_setup() -> None:
+    text = side_by_side("history", Shape(), 8, ROWS)
+    lines = text.splitlines()
+    assert lines[0].startswith("history: 16 conversations x 5 turns, 8 in flight; tokens: system 32")
+    assert lines[1].split() == ["one", "server", "least_in_flight", "prefix_affinity"]
+    table = {line[:34].strip(): line[34:].split() for line in lines[2:]}
+    assert table["prefix-cache hit rate (all vLLMs)"] == ["0.68", "0.49", "0.68"]
+    assert table["requests per vLLM"] == ["a", "80", "a", "41", "/", "b", "39", "a", "44", "/", "b", "36"]
+    assert table["requests max / mean"] == ["-", "1.02", "1.10"]
+    assert table["TTFT p50 / p99 (ms)"] == ["377", "/", "1131", "483", "/", "1449", "390", "/", "1170"]
+
+
+def test_targets_say_which_hold() -> None:
+    lines = targets(ROWS)
+    assert lines == [
+        "target met: prefix_affinity hit rate 0.68 >= 0.9 x one server's 0.68 = 0.61",
+        "target met: prefix_affinity hit rate 0.68 >= 1.25 x least_in_flight's 0.49 = 0.61",
+        "target met: prefix_affinity requests max / mean 1.10 <= 1.3",
+        "target met: prefix_affinity TTFT p50 390 ms < least_in_flight's 483 ms",
+    ]
+    worse = [*ROWS[:2], row("prefix_affinity", fake_result(3, {"a": (70, 0.5), "b": (10, 0.1)}, 0.5, 1.75, 500.0),
+                            "pa.json")]
+    assert [line.split(":")[0] for line in targets(worse)] == ["target NOT met"] * 4
+    assert targets(ROWS[:2]) == [
+        "targets: need one server, least_in_flight and prefix_affinity runs with prefix-cache counters"]
+
+
+@pytest.mark.e2e
+def test_benchmark_runs_every_setup_and_shape(vllm_server: RunningServer, tmp_path: Path) -> None:
+    """Tiny counts against the session's vLLM (a) and one it starts (b): every setup of both shapes
+    ran, each on its own seed, and the summary and table carry the figures."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.routing", "--conversations", "2", "--turns", "2", "--concurrency", "2",
+         "--output-len", "8", "--warmup", "1", "--seed", "100", "--backend-url", vllm_server.base_url,
+         "--results-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    [summary_path] = tmp_path.glob("routing-*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["backends"]["a"] == vllm_server.base_url and summary["backends"]["b"] != vllm_server.base_url
+    assert list(summary["shapes"]) == ["history", "long-system"]
+    seeds = []
+    for shape in summary["shapes"].values():
+        assert [r["setup"] for r in shape["setups"]] == [SINGLE, "least_in_flight", "prefix_affinity"]
+        for setup in shape["setups"]:
+            seeds.append(setup["seed"])
+            assert (setup["completed"], setup["failed"], setup["conversations_completed"]) == (4, 0, 2)
+            expected = ["a"] if setup["setup"] == SINGLE else ["a", "b"]
+            assert sorted(setup["requests_per_backend"]) == expected
+            assert sum(setup["requests_per_backend"].values()) == 4   # warm-up excluded
+            assert 0 <= setup["prefix_cache_hit_rate"] <= 1
+            assert Path(setup["results"]).is_file()
+    assert seeds == list(range(100, 106))                              # fresh prompts every run
+    assert len(summary["shapes"]["history"]["targets"]) == 4
+    assert "prefix-cache hit rate (all vLLMs)" in done.stdout and "requests max / mean" in done.stdout
