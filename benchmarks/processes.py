@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
+from deploy.health import http_ok, wait_until
+from deploy.host import free_port
 from deploy.paths import REPO_ROOT
 
-
-def wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"error: {url} did not answer within {timeout:.0f} s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["Stack", "free_port"]
 
 
 class Stack:
@@ -39,9 +21,19 @@ class Stack:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], health_url: str, timeout: float = 300) -> None:
-        log = (self.log_dir / f"{len(self.processes)}.log").open("wb")
-        self.processes.append(subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
-        wait_healthy(health_url, timeout)
+        """Start argv and wait until health_url answers 200; SystemExit naming its log if it
+        exits first or does not answer within timeout seconds."""
+        log_path = self.log_dir / f"{len(self.processes)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        try:
+            wait_until(lambda: http_ok(health_url) or process.poll() is not None, timeout, health_url)
+        except TimeoutError:
+            raise SystemExit(f"error: {health_url} did not answer within {timeout:.0f} s (log: {log_path})") from None
+        if process.poll() is not None:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-5:])
+            raise SystemExit(f"error: {' '.join(argv)} exited with status {process.returncode}:\n{tail}")
 
     def stop(self) -> None:
         for process in reversed(self.processes):

@@ -83,7 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from deploy.plan import format_plan, load_gpu_types, plan, smallest_fit
+    from deploy.memory_plan import format_plan, load_gpu_types, plan_memory, smallest_fit
 
     gpu_types = load_gpu_types()
     if args.gpu not in gpu_types:
@@ -91,7 +91,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.set)
     gpu = gpu_types[args.gpu]
     gpus = args.gpus or profile.parallelism.world_size
-    result = plan(profile, gpu, gpus, overhead_gib=args.overhead_gib)
+    result = plan_memory(profile, gpu, gpus, overhead_gib=args.overhead_gib)
     print(format_plan(result, None if result.fits else smallest_fit(profile, gpu)))
     return 0 if result.fits else 1
 
@@ -101,15 +101,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile, args.set)
     port = args.port or profile.port
-    plan = prepare(profile, port=port, ray_address=args.ray_address, generate_model=not args.dry_run)
+    launch = prepare(profile, port=port, ray_address=args.ray_address, generate_model=not args.dry_run)
     if args.dry_run:
-        release(plan)
-        for warning in plan.warnings:
+        release(launch)
+        for warning in launch.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(json.dumps({"argv": plan.command.argv, "env": plan.command.env}, indent=2))
-        print(plan.command.shell_line())
+        print(json.dumps({"argv": launch.command.argv, "env": launch.command.env}, indent=2))
+        print(launch.command.shell_line())
         return 0
-    return serve(plan, port=port, proxy_port=args.proxy_port, startup_timeout=args.startup_timeout)
+    return serve(launch, port=port, proxy_port=args.proxy_port, startup_timeout=args.startup_timeout)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

@@ -7,50 +7,25 @@ prints how to reach it, forwards SIGINT/SIGTERM and exits with vLLM's status.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from deploy import ray_cluster, ray_preflight
 from deploy.errors import LaunchError
+from deploy.host import port_free, visible_gpus
 from deploy.profile import Profile
 from deploy.render import Command, server_command
 from deploy.supervise import Child, Supervisor
 
 
 @dataclass
-class LaunchPlan:
+class Launch:
     """What `serve` will run, after every check that needs no process started."""
 
     profile: Profile
     command: Command
     warnings: list[str] = field(default_factory=list)
     started_ray: bool = False  # a single-node Ray head this launcher started (and must stop)
-
-
-def visible_gpus() -> int:
-    """NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES narrows what nvidia-smi lists)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def ensure_model(profile: Profile) -> None:
@@ -80,7 +55,7 @@ def check_gpus(profile: Profile) -> None:
 
 
 def prepare(profile: Profile, port: int | None = None, ray_address: str | None = None,
-            generate_model: bool = True) -> LaunchPlan:
+            generate_model: bool = True) -> Launch:
     """Every check that can fail before a process starts; returns what to run."""
     if generate_model:
         ensure_model(profile)
@@ -88,36 +63,32 @@ def prepare(profile: Profile, port: int | None = None, ray_address: str | None =
     command = server_command(profile, port=port)
     warnings: list[str] = []
     if profile.parallelism.executor == "ray":
-        from deploy import ray_preflight
-
         report = ray_preflight.preflight(profile, ray_address)
         warnings += report.warnings
         command = Command(argv=command.argv, env={**command.env, **report.env})
-        return LaunchPlan(profile, command, warnings, started_ray=report.started_cluster)
-    return LaunchPlan(profile=profile, command=command, warnings=warnings)
+        return Launch(profile, command, warnings, started_ray=report.started_cluster)
+    return Launch(profile=profile, command=command, warnings=warnings)
 
 
-def release(plan: LaunchPlan) -> None:
+def release(launch: Launch) -> None:
     """Stop what prepare() started for this launch only."""
-    if plan.started_ray:
-        from deploy import ray_cluster
-
+    if launch.started_ray:
         ray_cluster.stop()
 
 
-def serve(plan: LaunchPlan, port: int, proxy_port: int | None, startup_timeout: float) -> int:
+def serve(launch: Launch, port: int, proxy_port: int | None, startup_timeout: float) -> int:
     """Run vLLM (and the proxy in front of it when proxy_port is given) until stopped."""
-    profile = plan.profile
+    profile = launch.profile
     for needed in (port, proxy_port):
         if needed is not None and not port_free(needed):
-            release(plan)
+            release(launch)
             raise LaunchError(f"port {needed} is in use: stop what listens there or pass PORT=<free port>")
-    for warning in plan.warnings:
+    for warning in launch.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     vllm = Child(
         name="vllm",
-        argv=plan.command.argv,
-        env={**os.environ, **plan.command.env},
+        argv=launch.command.argv,
+        env={**os.environ, **launch.command.env},
         health_url=f"http://127.0.0.1:{port}/health",
     )
     children = [vllm]
@@ -134,7 +105,7 @@ def serve(plan: LaunchPlan, port: int, proxy_port: int | None, startup_timeout: 
     try:
         return supervisor.run(on_ready=lambda: print(ready_message(profile, public_port), flush=True))
     finally:
-        release(plan)
+        release(launch)
 
 
 def ready_message(profile: Profile, port: int) -> str:

@@ -8,11 +8,10 @@ import os
 
 from deploy import ray_cluster
 from deploy.errors import LaunchError
+from deploy.host import visible_gpus
 
 
 def cmd_head(args: argparse.Namespace) -> int:
-    from deploy.launch import visible_gpus
-
     gpus = args.num_gpus if args.num_gpus is not None else visible_gpus()
     options = ray_cluster.HeadOptions(port=args.port, num_gpus=gpus, node_ip=args.node_ip,
                                       temp_dir=args.temp_dir, dashboard=args.dashboard)
@@ -24,8 +23,6 @@ def cmd_head(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from deploy.launch import visible_gpus
-
     gpus = args.num_gpus if args.num_gpus is not None else visible_gpus()
     ray_cluster.start_worker(args.head, num_gpus=gpus, node_ip=args.node_ip)
     print(f"joined the Ray cluster at {args.head} with {gpus} GPUs")

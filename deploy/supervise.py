@@ -6,15 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
 from deploy.errors import LaunchError
+from deploy.health import POLL_SECONDS, http_ok, wait_until
 
-POLL_SECONDS = 0.25
 STOP_GRACE_SECONDS = 30.0
 
 
@@ -32,11 +30,7 @@ class Child:
         self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
+        return http_ok(self.health_url)
 
     def exit_code(self) -> int | None:
         assert self.process is not None
@@ -91,20 +85,19 @@ class Supervisor:
             self._kill_leftovers()
 
     def _wait_healthy(self, child: Child) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while not child.healthy():
-            code = child.exit_code()
-            if code is not None:
-                self._stop()
-                raise LaunchError(f"{child.name} exited with status {code} before it was healthy (see its log above)")
-            if self.stop_signal is not None:
-                return
-            if time.monotonic() > deadline:
-                self._stop()
-                raise LaunchError(
-                    f"{child.name} was not healthy at {child.health_url} after {self.startup_timeout:.0f} s"
-                )
-            time.sleep(POLL_SECONDS)
+        """Until the child answers its health URL, exits, or a stop signal arrives."""
+        try:
+            wait_until(lambda: child.healthy() or child.exit_code() is not None or self.stop_signal is not None,
+                       self.startup_timeout, f"{child.name} at {child.health_url}")
+        except TimeoutError:
+            self._stop()
+            raise LaunchError(
+                f"{child.name} was not healthy at {child.health_url} after {self.startup_timeout:.0f} s"
+            ) from None
+        code = child.exit_code()
+        if code is not None:
+            self._stop()
+            raise LaunchError(f"{child.name} exited with status {code} before it was healthy (see its log above)")
 
     def _stop(self) -> int:
         """Signal children in reverse order (front first), wait for them, return the main status."""

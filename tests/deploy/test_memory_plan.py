@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from deploy.memory_plan import load_gpu_types, plan_memory, smallest_fit
 from deploy.paths import REPO_ROOT
-from deploy.plan import load_gpu_types, plan, smallest_fit
 from deploy.profile import load_profile
 
 KIB = 1024
@@ -14,28 +14,28 @@ H100 = load_gpu_types()["h100-80gb"]
 
 
 def test_kv_bytes_per_token() -> None:
-    assert plan(load_profile("qwq-32b"), H100, 2).kv_bytes_per_token == 256 * KIB
-    assert plan(load_profile("qwen3-4b-instruct-fp8"), H100, 1).kv_bytes_per_token == 144 * KIB
+    assert plan_memory(load_profile("qwq-32b"), H100, 2).kv_bytes_per_token == 256 * KIB
+    assert plan_memory(load_profile("qwen3-4b-instruct-fp8"), H100, 1).kv_bytes_per_token == 144 * KIB
     fp8_kv = load_profile("qwen3-4b-instruct-fp8", ["kv_cache_dtype=fp8"])
-    assert plan(fp8_kv, H100, 1).kv_bytes_per_token == 72 * KIB
+    assert plan_memory(fp8_kv, H100, 1).kv_bytes_per_token == 72 * KIB
 
 
 def test_kv_is_split_across_tensor_ranks() -> None:
-    assert plan(load_profile("qwq-32b"), H100, 2).kv_bytes_per_token_per_gpu == 128 * KIB
+    assert plan_memory(load_profile("qwq-32b"), H100, 2).kv_bytes_per_token_per_gpu == 128 * KIB
 
 
 def test_weights_follow_dtype_and_quantization() -> None:
-    qwq = plan(load_profile("qwq-32b"), H100, 2)
+    qwq = plan_memory(load_profile("qwq-32b"), H100, 2)
     assert 32.0e9 < qwq.params < 33.5e9  # QwQ-32B: 32.5 B parameters
     assert abs(qwq.weight_bytes - 2 * qwq.params) < 1e6
-    fp8 = plan(load_profile("qwen3-4b-instruct-fp8"), H100, 1)
+    fp8 = plan_memory(load_profile("qwen3-4b-instruct-fp8"), H100, 1)
     assert 3.9e9 < fp8.params < 4.1e9
     assert 4.0e9 < fp8.weight_bytes < 5.0e9  # FP8 linears + bf16 embeddings, not 8 GB of bf16
 
 
 def test_qwq_long_context_needs_two_gpus() -> None:
     profile = load_profile("qwq-32b")
-    one = plan(profile, H100, 1)
+    one = plan_memory(profile, H100, 1)
     assert not one.fits and one.kv_tokens < 131072
     smallest = smallest_fit(profile, H100)
     assert smallest is not None and smallest.gpus == 2 and smallest.fits

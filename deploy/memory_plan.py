@@ -97,7 +97,7 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
     profile: str
     gpu: GpuType
     gpus: int
@@ -133,10 +133,10 @@ def read_shape(profile: Profile) -> ModelShape:
     return ModelShape.from_config(json.loads((config_dir / "config.json").read_text()))
 
 
-def plan(
+def plan_memory(
     profile: Profile, gpu: GpuType, gpus: int, tensor: int | None = None,
     overhead_gib: float = DEFAULT_OVERHEAD_GIB,
-) -> Plan:
+) -> MemoryPlan:
     shape = read_shape(profile)
     tensor = tensor or max(1, gpus // profile.parallelism.pipeline)
     pipeline = max(1, gpus // tensor)
@@ -155,7 +155,7 @@ def plan(
     usable = int(gpu.memory_gib * GIB * profile.gpu_memory_utilization)
     weight_per_gpu = weight_bytes // (tensor * pipeline)
     kv_space = usable - weight_per_gpu - int(overhead_gib * GIB)
-    return Plan(
+    return MemoryPlan(
         profile=profile.name, gpu=gpu, gpus=tensor * pipeline, tensor=tensor, pipeline=pipeline,
         params=shape.linear_params() + shape.other_params(), weight_bytes=weight_bytes,
         kv_bytes_per_token=kv_per_token, kv_bytes_per_token_per_gpu=kv_per_token_per_gpu,
@@ -164,18 +164,18 @@ def plan(
     )
 
 
-def smallest_fit(profile: Profile, gpu: GpuType, limit: int = 64) -> Plan | None:
+def smallest_fit(profile: Profile, gpu: GpuType, limit: int = 64) -> MemoryPlan | None:
     """The fewest GPUs (tensor parallel, sizes vLLM accepts: dividing the head count) that fit."""
     heads = read_shape(profile).heads
     for n in range(1, limit + 1):
         if heads % n == 0:
-            candidate = plan(profile, gpu, n, tensor=n)
+            candidate = plan_memory(profile, gpu, n, tensor=n)
             if candidate.fits:
                 return candidate
     return None
 
 
-def format_plan(p: Plan, smallest: Plan | None) -> str:
+def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
     def gib(value: int) -> str:
         return f"{value / GIB:,.1f} GiB"
 
