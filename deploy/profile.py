@@ -11,16 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from deploy.errors import ProfileError
 from deploy.paths import CONFIGS_DIR, MODELS_DIR, REPO_ROOT
+from deploy.typed_config import Strict, describe_errors
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RopeScaling(Strict):
@@ -163,7 +160,26 @@ class Profile(Strict):
         names = [self.served_model_name, *self.alias_names]
         if len(set(names)) != len(names):
             raise ValueError(f"served_model_name and aliases repeat a name: {names}")
+        self._defaults_fit_context()
         return self
+
+    def _defaults_fit_context(self) -> None:
+        """vLLM refuses a request whose max_tokens exceeds max_model_len (it only clamps one that
+        fits the context but not beside the prompt), so such a default fails every request that
+        leaves max_tokens out."""
+        presets = [("sampling.defaults.max_tokens", self.sampling)]
+        presets += [(f"aliases[{i}].sampling.defaults.max_tokens ({alias.name})", alias.sampling)
+                    for i, alias in enumerate(self.aliases) if isinstance(alias, Alias) and alias.sampling]
+        for key, sampling in presets:
+            default = sampling.defaults.max_tokens
+            if default is not None and default > self.max_model_len:
+                raise ValueError(
+                    f"{key} {default} exceeds max_model_len {self.max_model_len}: vLLM would refuse every "
+                    f"request that sends no max_tokens (\"max_tokens={default} cannot be greater than "
+                    f"max_model_len={self.max_model_len}\"); lower {key.split(' ')[0]} to at most "
+                    f"{self.max_model_len} (leaving room for the prompt, e.g. {self.max_model_len // 2}) "
+                    "or raise max_model_len"
+                )
 
     @property
     def alias_names(self) -> list[str]:
@@ -193,35 +209,13 @@ class Profile(Strict):
         return None
 
 
-def _format_location(loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in ("str", "Alias") or item.startswith(("function-", "literal[")):
-            continue  # union branch names pydantic adds to locations
-        else:
-            parts.append(("." if parts else "") + item)
-    return "".join(parts) or "(top level)"
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = _format_location(tuple(error["loc"]))
-    if error["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling; see configs/models/README.md for the keys)"
-    message = error["msg"].removeprefix("Value error, ")
-    got = error.get("input")
-    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-    return f"{loc}: {message}{shown}"
-
-
 def parse_profile(data: Any, source: str) -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        reasons = "; ".join(_describe(e) for e in exc.errors())  # type: ignore[arg-type]
+        reasons = describe_errors(exc, "see configs/models/README.md for the keys")
         raise ProfileError(f"{source}: {reasons}") from None
 
 
@@ -276,7 +270,3 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
     if profile.name != path.stem:
         raise ProfileError(f"{shown}: name: {profile.name!r} must equal the file name {path.stem!r}")
     return profile
-
-
-def load_all() -> list[Profile]:
-    return [load_profile(name) for name in known_profiles()]

@@ -117,3 +117,42 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "typo.yaml" in lines[0] and "max_model_lenn: unknown key" in lines[0]
+
+
+def test_default_max_tokens_beyond_the_context_is_refused_at_load() -> None:
+    """vLLM answers 400 to every request whose max_tokens exceeds max_model_len: a default that
+    does is refused before anything runs, naming both keys and the fix."""
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy", "render", "qwq-32b-short", "--set", "max_model_len=8192"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert "sampling.defaults.max_tokens 16384 exceeds max_model_len 8192" in line
+    assert "lower sampling.defaults.max_tokens to at most 8192" in line and "raise max_model_len" in line
+
+
+def test_an_alias_presets_max_tokens_is_checked_too() -> None:
+    preset = "aliases=[{name: qwq-long, sampling: {defaults: {max_tokens: 40000}}}]"
+    with pytest.raises(ProfileError, match=r"aliases\[0\].sampling.defaults.max_tokens \(qwq-long\) 40000 "
+                                           r"exceeds max_model_len 32768"):
+        load_profile("qwq-32b-short", [preset])
+
+
+def test_a_default_max_tokens_equal_to_the_context_is_accepted() -> None:
+    # vLLM clamps max_tokens <= max_model_len to what the prompt leaves (docs: environment.md).
+    profile = load_profile("qwq-32b-short", ["max_model_len=16384"])
+    assert profile.sampling.defaults.max_tokens == profile.max_model_len == 16384
+
+
+@pytest.mark.parametrize("override, reason", [
+    # pydantic's union branch tags ('Alias', 'str') are not in the key path the user reads.
+    ("aliases=[{name: Bad}]", "aliases[0].name: String should match pattern"),
+    ("env={VLLM_CPU_KVCACHE_SPACE: [1]}", "env.VLLM_CPU_KVCACHE_SPACE: Input should be a valid string"),
+    ("sampling.defaults.top_k=x", "sampling.defaults.top_k: Input should be a valid integer, unable to parse "
+                                  "string as an integer (got 'x')"),
+])
+def test_errors_name_the_key_path_as_written(override: str, reason: str) -> None:
+    with pytest.raises(ProfileError) as err:
+        load_profile("qwq-32b", [override])
+    assert reason in str(err.value)
