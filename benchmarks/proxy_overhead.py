@@ -1,14 +1,17 @@
-"""What the proxy costs: the same load direct to an upstream and through the proxy, side by side.
+"""What the proxy costs: the same load direct to an upstream, through the proxy, and through a bare
+relay on the same server and client libraries (uvicorn + aiohttp: the floor any proxy on them can
+reach), side by side.
 
     python -m benchmarks.proxy_overhead [--concurrency 1 16 64 256] [--seconds 6] [--rounds 2]
 
-Starts a scripted SSE upstream (fast: the proxy's own cost dominates), the tiny model on vLLM's
-CPU build (realistic pacing, sharing the cores), and the proxy in front of each; then for every
-concurrency alternates direct and proxied rounds (the machine is noisy: interleaving keeps the
-ratio fair), each client keeping its connections as real clients do, and prints added TTFT (p50,
-p99) and proxied tokens/s as a fraction of direct (steady state: requests started in each
-round's first 2 s are not counted), tokens counted from the servers' usage, plus events per
-response (must match: no coalescing) and the proxy process's CPU time per relayed event.
+Starts a scripted SSE upstream (fast: the proxies' own cost dominates), the tiny model on vLLM's
+CPU build (realistic pacing, sharing the cores), and the proxy and the bare relay in front of each;
+then for every concurrency alternates direct, proxied and bare-relay rounds (the machine is
+noisy: rotating the order keeps the ratios fair), each client keeping its connections as real
+clients do, and prints added TTFT (p50, p99), tokens/s through each relay as a fraction of direct
+(steady state: requests started in each round's first 2 s are not counted), tokens counted from
+the servers' usage, events per response (must match: no coalescing), and each relay process's
+CPU time per relayed event with the proxy's as a multiple of the bare relay's.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Cell:
     events: list[int] = field(default_factory=list)
     busy_seconds: float = 0.0
     errors: int = 0
-    relayed_events: int = 0  # every event of the round, ramp included (the proxy's CPU covers all)
+    relayed_events: int = 0  # every event of the round, ramp included (the relay's CPU covers all)
     proxy_cpu_seconds: float = 0.0
 
     def merge(self, other: Cell) -> None:
@@ -132,23 +135,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(direct: str, proxied: str, model: str, concurrency: int, seconds: float,
-                  rounds: int, proxy_pid: int) -> tuple[Cell, Cell]:
-    """Alternate direct and proxied rounds; each mode keeps one client (keep-alive) throughout."""
-    totals = (Cell(), Cell())
+async def measure(urls: dict[str, str], pids: dict[str, int], model: str, concurrency: int, seconds: float,
+                  rounds: int) -> dict[str, Cell]:
+    """Rotate the modes' rounds; each mode keeps one client (keep-alive) throughout."""
+    totals = {mode: Cell() for mode in urls}
     body = request_body(model)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as one, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as two:
-        sessions = (one, two)
+    sessions = {mode: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+                for mode in urls}
+    try:
+        order = list(urls)
         for index in range(rounds):
-            order = [(0, direct), (1, proxied)] if index % 2 == 0 else [(1, proxied), (0, direct)]
-            for slot, url in order:
-                before = cpu_seconds(proxy_pid)
-                cell = await run_round(sessions[slot], url, body, concurrency, seconds / rounds, ramp=RAMP_SECONDS)
-                if slot == 1:
-                    cell.proxy_cpu_seconds = cpu_seconds(proxy_pid) - before
-                totals[slot].merge(cell)
+            for mode in order[index % len(order):] + order[:index % len(order)]:
+                pid = pids.get(mode)
+                before = cpu_seconds(pid) if pid else 0.0
+                cell = await run_round(sessions[mode], urls[mode], body, concurrency, seconds / rounds,
+                                       ramp=RAMP_SECONDS)
+                if pid:
+                    cell.proxy_cpu_seconds = cpu_seconds(pid) - before
+                totals[mode].merge(cell)
+    finally:
+        for session in sessions.values():
+            await session.close()
     return totals
 
 
@@ -164,50 +172,60 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("concurrency >= 1, seconds > 0 and rounds >= 1")
 
     python = sys.executable
-    rows = []
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="proxy-overhead-") as tmp:
         stack = Stack(Path(tmp))
         try:
             for kind in args.upstreams:
-                port, proxy_port = free_port(), free_port()
+                port, proxy_port, bare_port = free_port(), free_port(), free_port()
+                upstream = f"http://127.0.0.1:{port}"
                 if kind == "scripted":
                     stack.start([python, "-m", "benchmarks.scripted_upstream", "--port", str(port)],
-                                f"http://127.0.0.1:{port}/health")
+                                f"{upstream}/health")
                 else:
                     stack.start([python, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port)],
-                                f"http://127.0.0.1:{port}/health")
-                stack.start([python, "-m", "serving", "--backend", f"tiny-qwen3=http://127.0.0.1:{port}",
+                                f"{upstream}/health")
+                stack.start([python, "-m", "serving", "--backend", f"tiny-qwen3={upstream}",
                              "--port", str(proxy_port)], f"http://127.0.0.1:{proxy_port}/ready")
                 proxy_pid = stack.processes[-1].pid
+                stack.start([python, "-m", "benchmarks.bare_relay", "--upstream", upstream, "--port", str(bare_port)],
+                            f"http://127.0.0.1:{bare_port}/health")
+                urls = {"direct": upstream, "proxy": f"http://127.0.0.1:{proxy_port}",
+                        "bare": f"http://127.0.0.1:{bare_port}"}
+                pids = {"proxy": proxy_pid, "bare": stack.processes[-1].pid}
                 for concurrency in args.concurrency:
-                    direct, proxied = asyncio.run(measure(
-                        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}", "tiny-qwen3",
-                        concurrency, args.seconds, args.rounds, proxy_pid))
-                    rows.append((kind, concurrency, direct, proxied))
-                    print(_row(*rows[-1]), flush=True)
+                    cells = asyncio.run(measure(urls, pids, "tiny-qwen3", concurrency, args.seconds, args.rounds))
+                    print(_row(kind, concurrency, cells), flush=True)
         finally:
             stack.stop()
     print(f"\nmachine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}; "
-          f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode")
+          f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode; "
+          "d/p/b = direct / proxy / bare relay")
     return 0
 
 
-HEADER = (f"{'upstream':<9} {'streams':>7} {'TTFT p50 direct/proxy (ms)':>27} {'added':>7} "
-          f"{'TTFT p99 d/p (ms)':>19} {'added':>7} {'tok/s direct':>12} {'tok/s proxy':>11} {'ratio':>6} "
-          f"{'events/resp d/p':>15} {'errors':>6} {'proxy CPU us/event':>18}")
+HEADER = (f"{'upstream':<9} {'streams':>7} {'TTFT p50 d/p/b (ms)':>22} {'added':>6} {'TTFT p99 d/p/b (ms)':>22} "
+          f"{'tok/s direct':>12} {'proxy':>6} {'bare':>6} {'events/resp d/p/b':>17} {'errors':>6} "
+          f"{'CPU us/event proxy':>18} {'bare':>6} {'p/b':>5}")
 
 
-def _row(kind: str, concurrency: int, direct: Cell, proxied: Cell) -> str:
-    p50d, p50p = direct.ttft(0.5) * 1000, proxied.ttft(0.5) * 1000
-    p99d, p99p = direct.ttft(0.99) * 1000, proxied.ttft(0.99) * 1000
-    ratio = proxied.tokens_per_second / direct.tokens_per_second if direct.tokens_per_second else float("nan")
-    events_d = statistics.median(direct.events) if direct.events else 0
-    events_p = statistics.median(proxied.events) if proxied.events else 0
-    return (f"{kind:<9} {concurrency:>7} {p50d:>13.1f} / {p50p:<11.1f} {p50p - p50d:>+7.1f} "
-            f"{p99d:>8.1f} / {p99p:<8.1f} {p99p - p99d:>+7.1f} {direct.tokens_per_second:>12.0f} "
-            f"{proxied.tokens_per_second:>11.0f} {ratio:>6.2f} {events_d:>7.0f} / {events_p:<5.0f} "
-            f"{direct.errors + proxied.errors:>6} {proxied.cpu_us_per_event:>18.1f}")
+def _row(kind: str, concurrency: int, cells: dict[str, Cell]) -> str:
+    direct, proxied, bare = cells["direct"], cells["proxy"], cells["bare"]
+
+    def ratio(cell: Cell) -> float:
+        return cell.tokens_per_second / direct.tokens_per_second if direct.tokens_per_second else float("nan")
+
+    def events(cell: Cell) -> str:
+        return f"{statistics.median(cell.events):.0f}" if cell.events else "0"
+
+    p50 = "/".join(f"{c.ttft(0.5) * 1000:.1f}" for c in (direct, proxied, bare))
+    p99 = "/".join(f"{c.ttft(0.99) * 1000:.1f}" for c in (direct, proxied, bare))
+    added = (proxied.ttft(0.5) - direct.ttft(0.5)) * 1000
+    cpu_ratio = proxied.cpu_us_per_event / bare.cpu_us_per_event if bare.cpu_us_per_event else float("nan")
+    errors = sum(c.errors for c in cells.values())
+    return (f"{kind:<9} {concurrency:>7} {p50:>22} {added:>+6.1f} {p99:>22} {direct.tokens_per_second:>12.0f} "
+            f"{ratio(proxied):>6.2f} {ratio(bare):>6.2f} {'/'.join(events(c) for c in (direct, proxied, bare)):>17} "
+            f"{errors:>6} {proxied.cpu_us_per_event:>18.1f} {bare.cpu_us_per_event:>6.1f} {cpu_ratio:>5.2f}")
 
 
 def _cpus() -> int:

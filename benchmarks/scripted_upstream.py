@@ -9,9 +9,15 @@ proxy forwards like any other field), comma-separated:
   "script": "stall-after=N"      stop sending after N token events, keep the connection open
   "script": "reasoning=N"        the first N token events are reasoning deltas
   "script": "linger-after-done=S" wait S seconds after [DONE] before ending the body
+  "script": "close-before-response" read the request, then drop the connection (a crash on it)
+  "script": "close-if-reused"    the same, but only on a connection that served a request before
+                                 (a keep-alive connection the server closed under its client)
 
 `python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0]`; GET /stats returns counters
-(requests, disconnects seen) so tests can prove the proxy closed the upstream request.
+(generation requests, disconnects seen, and `seen`: the request line of every request other than
+/health and /stats, as received; `connections`: how many connections carried them) so tests can
+prove what reached the backend, and that the proxy closed an upstream request. POST /v1/embeddings
+answers with the path it was sent (forwarding tests).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 MODEL = "tiny-qwen3"
 
@@ -47,6 +54,16 @@ class Upstream:
         self.disconnects = 0
         self.in_flight = 0
         self.healthy = True
+        self.seen: list[str] = []  # "METHOD raw-path" of every request but /health and /stats
+        self.served_by: dict[object, int] = {}  # requests per connection (by the client's address)
+
+    @web.middleware
+    async def record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in ("/health", "/stats"):
+            self.seen.append(f"{request.method} {request.raw_path}")
+            key = request.transport.get_extra_info("peername") if request.transport else None
+            self.served_by[key] = self.served_by.get(key, 0) + 1
+        return await handler(request)
 
     @staticmethod
     def script(body: dict[str, object]) -> dict[str, float]:
@@ -62,7 +79,12 @@ class Upstream:
 
     async def stats(self, _request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "disconnects": self.disconnects,
-                                  "in_flight": self.in_flight})
+                                  "in_flight": self.in_flight, "seen": self.seen,
+                                  "connections": len(self.served_by)})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"object": "list", "data": [], "path": request.raw_path})
 
     async def set_health(self, request: web.Request) -> web.Response:
         self.healthy = request.query.get("healthy", "1") == "1"
@@ -74,7 +96,10 @@ class Upstream:
         script = self.script(body)
         tokens = int(body.get("max_tokens") or 16)
         self.requests += 1
-        if self.close_before_response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        reused = self.served_by.get(peer, 0) > 1
+        if self.close_before_response or "close-before-response" in script or (
+                "close-if-reused" in script and reused):
             assert request.transport is not None
             request.transport.abort()  # like a keep-alive connection the server closed under the client
             return web.Response(status=500)
@@ -121,12 +146,13 @@ class Upstream:
 
 def make_app(delay_ms: float = 0.0, close_before_response: bool = False) -> web.Application:
     upstream = Upstream(delay_ms, close_before_response)
-    app = web.Application()
+    app = web.Application(middlewares=[upstream.record])
     app.router.add_get("/health", upstream.health)
     app.router.add_get("/stats", upstream.stats)
     app.router.add_post("/admin/health", upstream.set_health)
     app.router.add_post("/v1/chat/completions", upstream.generate)
     app.router.add_post("/v1/completions", upstream.generate)
+    app.router.add_post("/v1/embeddings", upstream.embeddings)
     return app
 
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             return supervise(argv, config.workers)
         # Imported only now: in a worker, prometheus-client must see PROMETHEUS_MULTIPROC_DIR first.
         from serving.app import create_app
-        from serving.server import run
+        from serving.http_server import run
 
         app = create_app(config)
         return run(app, share_port=args.as_worker)

@@ -1,4 +1,4 @@
-"""The proxy's request handler: routing, auth, limits, then one exchange with a vLLM backend."""
+"""The proxy as an ASGI application: endpoints, auth, limits, then one exchange with a backend."""
 
 from __future__ import annotations
 
@@ -16,21 +16,32 @@ from serving.auth import KeyCheck, RateLimiter
 from serving.config import ProxyConfig, Route, build_routes, load_api_keys
 from serving.errors import ApiError, error_body
 from serving.exchange import Exchange
-from serving.httpserver import Request, Response
+from serving.http_io import (
+    CLOSE,
+    ClientGone,
+    Headers,
+    Incoming,
+    Receive,
+    Scope,
+    Send,
+    body_too_large,
+    declared_length,
+    read_body,
+    send_json,
+    send_whole,
+)
 from serving.metrics import Metrics, status_class
-from serving.shaping import shape
-from serving.upstream import Pool, check_all, health_loop
+from serving.openai_shaping import shape
+from serving.resources import ThrottledLog
+from serving.routing import ModelBackends, check_all, health_loop
+from serving.upstream import Upstream
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-ROUTE_LABELS = {CHAT: "chat", COMPLETIONS: "completions", "/v1/models": "models"}
-JSON = b"application/json"
+MODELS = "/v1/models"
+SHAPED = {CHAT: "chat", COMPLETIONS: "completions"}
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
-
-
-def send_json(response: Response, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
-    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    response.send(status, [(b"content-type", JSON), *extra], body)
+READ_METHODS = ("GET", "HEAD")
 
 
 class ProxyApp:
@@ -39,69 +50,78 @@ class ProxyApp:
         self.config = config
         self.routes: dict[str, Route] = build_routes(config)
         self.metrics = Metrics(registry or CollectorRegistry())
-        pools_by_entry: dict[int, Pool] = {}
-        self.pools: dict[str, Pool] = {}
+        by_entry: dict[int, ModelBackends] = {}
+        self.backends: dict[str, ModelBackends] = {}
         for name, route in self.routes.items():
             key = id(route.entry)
-            if key not in pools_by_entry:
-                pools_by_entry[key] = Pool(route.served_name, route.entry.backends, self.metrics)
-            self.pools[name] = pools_by_entry[key]
+            if key not in by_entry:
+                by_entry[key] = ModelBackends(route.served_name, route.entry.backends, self.metrics)
+            self.backends[name] = by_entry[key]
+        self.models = list(by_entry.values())
+        self.forward_paths = frozenset(config.forward_paths)
         self.keys = KeyCheck(load_api_keys(config.auth, environ))
         self.limiter = RateLimiter(config.limits.requests_per_minute_per_key)
+        self.exhausted_log = ThrottledLog()
         self.draining = False
         self.active = 0
+        self.upstream: Upstream | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._models_body = self._models_listing()
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    @property
-    def _unique_pools(self) -> list[Pool]:
-        return list({id(p): p for p in self.pools.values()}.values())
-
     async def startup(self) -> None:
-        for pool in self._unique_pools:
-            for backend in pool.backends:
-                backend.open()
-        await check_all(self._unique_pools)
-        self._health_task = asyncio.create_task(health_loop(self._unique_pools, self.config.health_interval_seconds))
+        self.upstream = Upstream()
+        await check_all(self.upstream, self.models)
+        self._health_task = asyncio.create_task(
+            health_loop(self.upstream, self.models, self.config.health_interval_seconds))
 
     async def shutdown(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        for pool in self._unique_pools:
-            for backend in pool.backends:
-                backend.connections.close()
+        if self.upstream is not None:
+            await self.upstream.close()
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(pool.any_healthy for pool in self.pools.values())
+        return not self.draining and all(model.any_healthy for model in self.models)
 
-    # ---- requests ----------------------------------------------------------------------------
-    async def handle(self, request: Request, response: Response) -> None:
-        path = request.path
-        if path.startswith("/v1/"):
+    # ---- ASGI --------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off; websockets are refused by the protocol
+        incoming = Incoming(scope)
+        path = incoming.path
+        if incoming.has_unsafe_path():
+            await send_json(send, 400, error_body(400, "the request path has control characters or spaces once "
+                                                       "percent-decoded"), close=True)
+        elif path.startswith("/v1/"):
             self.active += 1
             try:
-                await self._api(request, response, path)
+                await self._api(incoming, receive, send)
             finally:
                 self.active -= 1
+        elif incoming.method not in READ_METHODS or path not in ("/health", "/ready", "/metrics"):
+            await send_json(send, 404, error_body(404, f"no such path: {path}"), close=self.draining)
         elif path == "/health":
-            send_json(response, 200, b'{"status":"ok"}')
+            await send_json(send, 200, b'{"status":"ok"}', close=self.draining)
         elif path == "/ready":
-            ok = self.ready
-            detail = {name: pool.any_healthy for name, pool in self.pools.items()}
-            body = json.dumps({"ready": ok, "draining": self.draining, "models": detail}).encode()
-            send_json(response, 200 if ok else 503, body)
-        elif path == "/metrics":
-            response.send(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], self.metrics.exposition())
+            detail = {model.model: model.any_healthy for model in self.models}
+            body = json.dumps({"ready": self.ready, "draining": self.draining, "models": detail}).encode()
+            await send_json(send, 200 if self.ready else 503, body, close=self.draining)
         else:
-            send_json(response, 404, error_body(404, f"no such path: {path}"))
+            headers = [(b"content-type", CONTENT_TYPE_LATEST.encode()), *self._closing()]
+            await send_whole(send, 200, self.metrics.exposition(), headers)
 
-    async def _api(self, request: Request, response: Response, path: str) -> None:
+    def _closing(self) -> Headers:
+        # While draining, every answer ends its connection (clients reconnect to another replica).
+        return [CLOSE] if self.draining else []
+
+    async def _api(self, incoming: Incoming, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        route_label = ROUTE_LABELS.get(path, "other")
+        path = incoming.path
+        route_label = "models" if path == MODELS else SHAPED.get(path, "other")
         model_label = "unknown"
         status = 500
         try:
@@ -110,25 +130,29 @@ class ProxyApp:
                 raise ApiError(503, "the proxy is shutting down: retry on another replica",
                                headers={"retry-after": "1"})
             try:
-                caller = self.keys.identify(request.header(b"authorization"))
+                caller = self.keys.identify(incoming.header(b"authorization"))
                 self.limiter.check(caller)
             except ApiError as exc:
                 self.metrics.rejected.labels("auth" if exc.status == 401 else "rate_limit").inc()
                 raise
-            if path == "/v1/models" and request.method == "GET":
-                send_json(response, 200, self._models_body)
+            if path == MODELS and incoming.method in READ_METHODS:
+                await send_json(send, 200, self._models_body, close=self.draining)
                 status = 200
                 return
-            if request.method != "POST":
-                raise ApiError(404, f"no such endpoint: {request.method} {path}")
-            raw = self._body(request)
+            if path not in SHAPED and path not in self.forward_paths:
+                raise ApiError(404, f"no such endpoint: {incoming.method} {path}")
+            if incoming.method != "POST":
+                raise ApiError(405, f"{path} takes POST, not {incoming.method}", headers={"allow": "POST"})
+            raw = await self._body(incoming, receive)
             data = self._parse(raw)
-            route = self._route_for(data, known_path=path in (CHAT, COMPLETIONS))
+            route = self._route_for(data)
             model_label = route.served_name
-            if route.name != route.served_name:
+            aliased = route.name != route.served_name
+            if aliased:
                 data["model"] = route.served_name  # vLLM knows the served name only
-                raw = json.dumps(data).encode()
-            if path in (CHAT, COMPLETIONS):
+            shaped = None
+            target = path  # the shaped routes forward their own path, never the client's spelling
+            if path in SHAPED:
                 try:
                     shaped = shape(data, route.sampling, chat=path == CHAT)
                 except ApiError as exc:
@@ -140,32 +164,61 @@ class ProxyApp:
                     self.metrics.defaults_applied.labels(model_label, name).inc()
                 if shaped.greedy_action:
                     self.metrics.greedy.labels(model_label, shaped.greedy_action).inc()
+                raw = json.dumps(shaped.body).encode()
             else:
-                shaped = None
-            exchange = Exchange(self, route, self.pools[route.name], path, shaped, raw, start)
-            status = await exchange.run(response)
+                target = incoming.target  # forwarded as received: still percent-encoded
+                if aliased:
+                    raw = json.dumps(data).encode()
+            if incoming.http10 and (shaped.stream if shaped is not None else data.get("stream") is True):
+                raise ApiError(505, "a streamed answer needs HTTP/1.1 (chunked transfer coding); send the "
+                               "request over HTTP/1.1, or without 'stream'")
+            assert self.upstream is not None
+            exchange = Exchange(self.metrics, self.upstream, route, self.backends[route.name], target, shaped, raw,
+                                start, self.config.retries.max_attempts, self.exhausted_log, self._closing())
+            status = await self._until_client_leaves(exchange, receive, send)
         except ApiError as exc:
             status = exc.status
-            if response.started:
-                raise  # cannot happen: errors after the start are SSE events
-            send_json(response, exc.status, exc.body(), exc.headers)
-        except asyncio.CancelledError:
-            # The client went away; the exchange closed its backend request, so vLLM aborts it.
+            await send_json(send, exc.status, exc.body(), exc.headers, close=self.draining)
+        except ClientGone:
             status = CLIENT_CLOSED
-            raise
         finally:
             self.metrics.requests.labels(model_label, route_label, status_class(status)).inc()
             self.metrics.duration.labels(model_label, route_label).observe(time.perf_counter() - start)
 
-    def _body(self, request: Request) -> bytes:
-        if request.body_too_large:
-            limit = self.config.limits.max_body_bytes
+    async def _until_client_leaves(self, exchange: Exchange, receive: Receive, send: Send) -> int:
+        """Run the exchange; if the client disconnects first, cancel it (which closes the backend
+        request, so vLLM aborts it) and answer nothing."""
+        task = asyncio.current_task()
+        assert task is not None
+        done = False
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass  # the body was read whole: only the disconnect can come
+            if not done:
+                task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await exchange.run(send)
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+                return CLIENT_CLOSED  # our own cancel: the client left
+            raise
+        finally:
+            done = True
+            watcher.cancel()
+
+    async def _body(self, incoming: Incoming, receive: Receive) -> bytes:
+        limit = self.config.limits.max_body_bytes
+        declared = declared_length(incoming)
+        try:
+            if declared is not None and declared > limit:
+                raise body_too_large(limit, declared)  # answered before the body is read (or 100-continue sent)
+            return await read_body(receive, limit)
+        except ApiError:
             self.metrics.rejected.labels("body_too_large").inc()
-            if request.declared_length is not None and request.declared_length > limit:
-                raise ApiError(413, f"request body of {request.declared_length} bytes exceeds the limit of "
-                                    f"{limit} bytes")
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        return request.body
+            raise
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -178,13 +231,11 @@ class ProxyApp:
             raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
         return data
 
-    def _route_for(self, data: dict[str, Any], known_path: bool) -> Route:
+    def _route_for(self, data: dict[str, Any]) -> Route:
         model = data.get("model")
         known = ", ".join(sorted(self.routes))
         if model is None:
             self.metrics.rejected.labels("invalid").inc()
-            if not known_path:
-                raise ApiError(404, f"no such endpoint for a request without 'model'; known models: {known}")
             raise ApiError(400, f"'model' is required; known models: {known}", param="model")
         if not isinstance(model, str):
             self.metrics.rejected.labels("invalid").inc()

@@ -14,10 +14,6 @@ class KeyCheck:
     def __init__(self, keys: list[bytes]) -> None:
         self._keys = keys
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
     def identify(self, authorization: bytes | None) -> str:
         """The caller's rate-limit identity; raises 401 for a missing or wrong key."""
         if not self._keys:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -13,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deploy.profile import Profile, Sampling, load_profile
 
 MAX_WORKERS = 64
+# vLLM 0.32's OpenAI-compatible endpoints that take a JSON body naming a `model`, besides the two
+# the proxy shapes (chat and completions). Admin endpoints (LoRA loading, sleep, profiling, cache
+# resets) are left out on purpose: the public endpoint must not reach them.
+DEFAULT_FORWARD_PATHS = ("/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank")
 
 
 class Strict(BaseModel):
@@ -32,10 +37,27 @@ class Timeouts(Strict):
     idle_seconds: float = Field(default=120.0, gt=0, description="Longest silence between two streamed chunks.")
 
 
+class Affinity(Strict):
+    epsilon: float = Field(
+        default=0.25, gt=0, le=10, description="Bounded load: a backend with more than (1 + epsilon) x the mean "
+        "requests in flight is passed over for the next one on the ring.")
+    session_header: str = Field(
+        default="x-session-id", pattern=r"^[!#$%&'*+.^_`|~0-9a-z-]+$",
+        description="Request header whose value keys a session to one backend (lower case); the OpenAI "
+        "`user` field does the same when the header is absent.")
+
+
 class ModelEntry(Strict):
     profile: str = Field(description="Profile name in configs/models; names, aliases and sampling come from it.")
-    backends: list[str] = Field(min_length=1, description="vLLM base URLs, e.g. http://127.0.0.1:8100")
+    backends: list[str] = Field(
+        min_length=1, description="vLLM base URLs, e.g. http://127.0.0.1:8100. A host name that resolves to "
+        "several addresses (a Kubernetes headless Service) is one backend per address.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    routing: Literal["prefix_affinity", "least_in_flight"] = Field(
+        default="prefix_affinity", description="prefix_affinity: requests sharing a prompt prefix or session go "
+        "to the same backend (its prefix cache), within bounded load; least_in_flight: the backend with the "
+        "fewest requests in flight, ties round-robin. With one backend both are the same.")
+    affinity: Affinity = Field(default_factory=Affinity)
 
     @field_validator("backends")
     @classmethod
@@ -60,14 +82,39 @@ class Limits(Strict):
         "(idle keep-alive, or part of a request and then nothing).")
 
 
+class Retries(Strict):
+    max_attempts: int = Field(
+        default=3, ge=1, le=10, description="Backend attempts per request, the first included. Only attempts "
+        "that provably never started are retried: a refused or timed-out connect (on another backend), or a "
+        "reused keep-alive connection that closed before any response byte (once, on a fresh connection).")
+
+
 class ProxyConfig(Strict):
     listen: Listen = Field(default_factory=Listen)
     models: list[ModelEntry] = Field(min_length=1)
     auth: Auth = Field(default_factory=Auth)
     limits: Limits = Field(default_factory=Limits)
+    retries: Retries = Field(default_factory=Retries)
+    forward_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FORWARD_PATHS),
+        description="Paths besides /v1/chat/completions and /v1/completions forwarded untouched to the backend "
+        "of the body's `model`; anything else under /v1/ is a 404 that never reaches a backend.")
     drain_seconds: float = Field(default=30.0, ge=0)
     health_interval_seconds: float = Field(default=2.0, gt=0)
+    dns_refresh_seconds: float = Field(
+        default=5.0, gt=0, description="Backend host names are re-resolved this often; addresses that appear "
+        "become backends (health-checked before use), addresses that disappear are dropped.")
     workers: int = Field(default=1, ge=1, le=MAX_WORKERS, description="Proxy processes sharing the port (SO_REUSEPORT).")
+
+
+    @field_validator("forward_paths")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/v1/") or any(c in path for c in "?#%\\ ") or "/." in path:
+                raise ValueError(f"forward path {path!r} must be a plain path under /v1/ (no query, "
+                                 "percent-encoding, spaces or dot segments)")
+        return value
 
 
 class ConfigError(Exception):

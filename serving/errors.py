@@ -10,10 +10,12 @@ TYPES = {
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    405: "invalid_request_error",
     431: "invalid_request_error",
     502: "upstream_error",
     503: "service_unavailable",
     504: "upstream_timeout",
+    505: "invalid_request_error",
 }
 
 

@@ -1,271 +1,268 @@
-"""One request's exchange with a backend: choice, retry before any byte, relay, failures.
+"""One request's exchange with a backend: choice, the retries that are safe, relay, failures.
 
-A connection failure before anything was sent to the client is retried on another healthy
-backend; once the response has started, never (the client would get a spliced answer).
+Only an attempt that provably never started is retried (serving/upstream.py says which): a
+request that reached vLLM may be what crashes it, and sending it to every replica in turn
+would take them all down. Once the client's response has started, nothing is retried; a
+failure then is one SSE error event and the end of the stream.
 
-A streamed response is relayed inside the backend connection's `data_received`: each read goes
-through the relay and onto the client's transport in the same turn of the event loop, with no
-task switch, future or message object per token. When the client cannot keep up, reading from
-the backend pauses until it can.
+A streamed body is forwarded read by read: each read goes through the SSE relay (which
+touches an event only when it must change) and out, with backpressure from the client (a slow
+reader stops the reads from the backend until it catches up).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import TYPE_CHECKING
 
+import aiohttp
+
+from serving.config import Route
 from serving.errors import ApiError, sse_error_event
-from serving.httpclient import BackendConnection, ConnectFailed, ConnectionReset
-from serving.httpserver import Headers, Response
-from serving.relay import StreamRelay, Usage, rewrite_json_response
-from serving.shaping import Shaped
-from serving.upstream import Backend, Pool
-
-if TYPE_CHECKING:
-    from serving.app import ProxyApp
-    from serving.config import Route
+from serving.http_io import Headers, Send, send_whole
+from serving.metrics import Metrics
+from serving.openai_shaping import Shaped
+from serving.openai_stream import StreamRelay, Usage, rewrite_json_response
+from serving.resources import WHAT, ThrottledLog
+from serving.routing import Backend, ModelBackends
+from serving.upstream import BackendReset, ConnectFailed, LocalExhausted, StaleConnection, Upstream
 
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                         (b"x-accel-buffering", b"no")]
-MAX_STALE_RETRIES = 3
-
-
-class StaleConnection(Exception):
-    """The connection failed before the backend answered: safe to send the request again."""
+JSON_TYPE = b"application/json"
 
 
 class BackendStalled(Exception):
-    """No byte from the backend within the configured time."""
+    """No byte from the backend for `idle_seconds` mid-stream."""
 
 
 class Exchange:
-    def __init__(self, app: ProxyApp, route: Route, pool: Pool, path: str, shaped: Shaped | None,
-                 raw: bytes, start: float) -> None:
-        self.app = app
-        self.metrics = app.metrics
+    def __init__(self, metrics: Metrics, upstream: Upstream, route: Route, backends: ModelBackends,
+                 target: str, shaped: Shaped | None, body: bytes, start: float, max_attempts: int,
+                 exhausted_log: ThrottledLog, extra_headers: Headers) -> None:
+        self.metrics = metrics
+        self.upstream = upstream
         self.route = route
-        self.pool = pool
-        self.path = path
+        self.backends = backends
+        self.target = target  # path (and query) as forwarded
         self.shaped = shaped
-        self.body = json.dumps(shaped.body).encode() if shaped is not None else raw
+        self.body = body
         self.start = start
+        self.max_attempts = max_attempts
+        self.exhausted_log = exhausted_log
+        self.extra_headers = extra_headers
         self.timeouts = route.entry.timeouts
-        self.started = False  # response start sent to the client: no retry after this
+        self.model = route.served_name
 
-    def _our_headers(self) -> Headers:
-        if self.shaped is None:
-            return []
-        headers = []
-        if self.shaped.applied:
-            headers.append((b"x-qwen-defaults-applied", ",".join(self.shaped.applied).encode()))
-        if self.shaped.warnings:
-            headers.append((b"x-qwen-warning", "; ".join(self.shaped.warnings).encode()))
-        return headers
-
-    async def run(self, response: Response) -> int:
-        model = self.route.served_name
-        in_flight = self.metrics.in_flight.labels(model)
+    async def run(self, send: Send) -> int:
+        in_flight = self.metrics.in_flight.labels(self.model)
         in_flight.inc()
         excluded: set[Backend] = set()
-        stale_retries = 0
+        retry_on: Backend | None = None  # a backend whose pooled connection was stale
         try:
-            while True:
-                backend = self.pool.pick(excluded)
+            for _ in range(self.max_attempts):
+                backend = retry_on or self.backends.pick(excluded)
                 if backend is None:
-                    detail = "all backends failed for this request" if excluded else "none is healthy"
-                    raise ApiError(503, f"no healthy backend for model {model!r} ({detail}); retry later",
-                                   headers={"retry-after": "2"})
+                    break
+                fresh, retry_on = retry_on is not None, None
                 backend.in_flight += 1
                 try:
-                    return await self._with_backend(backend, response)
+                    return await self._attempt(backend, send, fresh)
                 except ConnectFailed:
-                    # Nothing listens there: the backend is down for everyone until its /health answers.
-                    self.metrics.upstream_errors.labels(model, "connect").inc()
-                    self.pool.set_health(backend, False)
+                    # Nothing listens there: down for everyone until its /health answers again.
+                    self.metrics.upstream_errors.labels(self.model, "connect").inc()
+                    self.backends.set_health(backend, False)
                     excluded.add(backend)
                 except StaleConnection:
-                    # A pooled keep-alive connection the backend had closed: routine, not a dead
-                    # backend. Retry on a fresh connection; give up on this backend after a few.
-                    stale_retries += 1
-                    if stale_retries >= MAX_STALE_RETRIES:
-                        self.metrics.upstream_errors.labels(model, "reset").inc()
-                        excluded.add(backend)
+                    # A pooled connection the backend had closed: routine. Once more, on a fresh
+                    # connection to the same backend (a fresh one failing is a BackendReset).
+                    self.metrics.upstream_errors.labels(self.model, "stale_connection").inc()
+                    retry_on = backend
+                except BackendReset as exc:
+                    self.metrics.upstream_errors.labels(self.model, "reset").inc()
+                    raise self._not_retried(str(exc)) from None
+                except LocalExhausted as exc:
+                    raise self._proxy_limit(exc.name) from None
                 finally:
                     backend.in_flight -= 1
+            else:
+                what = f"{len(excluded)} refused the connection" if excluded else "a pooled connection closed"
+                raise ApiError(503, f"model {self.model!r}: gave up after {self.max_attempts} attempts "
+                               f"(retries.max_attempts; {what}); retry later", headers={"retry-after": "2"})
+            detail = f" ({len(excluded)} refused the connection)" if excluded else ""
+            raise ApiError(503, f"no healthy backend for model {self.model!r}{detail}; retry later",
+                           headers={"retry-after": "2"})
         finally:
             in_flight.dec()
 
-    async def _with_backend(self, backend: Backend, response: Response) -> int:
-        model = self.route.served_name
-        conn: BackendConnection | None = None
-        succeeded = False  # then the connection is reused once its body has ended
+    def _not_retried(self, what: str) -> ApiError:
+        return ApiError(502, f"model {self.model!r}: {what}; not retried, since it may have started the "
+                        "request", code="upstream_reset")
+
+    def _proxy_limit(self, name: str) -> ApiError:
+        self.metrics.exhausted.labels(name).inc()
+        self.exhausted_log.warning(f"{WHAT[name]} ({name}): requests are answered 503 until it recovers; "
+                                   "raise the limit (ulimit -n, or more proxy replicas)")
+        return ApiError(503, f"{WHAT[name]} ({name}): this is the proxy's own limit, not the model's; "
+                        "retry later", code="proxy_overloaded", headers={"retry-after": "1"})
+
+    async def _attempt(self, backend: Backend, send: Send, fresh: bool) -> int:
+        url = backend.url_for(self.target)
+        streamed = self.shaped is None or self.shaped.stream
+        response: aiohttp.ClientResponse | None = None
+        clean = False  # then the connection goes back to the pool
         try:
-            async with asyncio.timeout(self.timeouts.first_byte_seconds) as deadline:
-                conn, _ = await backend.connections.connect(self.timeouts.connect_seconds)
-                conn.send("POST", self.path, self.body)
-                status = await conn.response_head()
-                relayed = status == 200 and (self.shaped is None or self.shaped.stream)
-                if not relayed:
-                    payload = await conn.read_body()  # an error answer, or a whole (non-streamed) answer
-            if status != 200:
-                result = self._pass_through(conn, status, payload, response)
-            elif relayed:
-                relay = self._stream_relay() if self.shaped is not None else None
-                first_byte_due = deadline.when() or asyncio.get_running_loop().time()
-                result = await self._relay(conn, response, relay, first_byte_due)
+            try:
+                async with asyncio.timeout(self.timeouts.first_byte_seconds):
+                    response = await self.upstream.post(url, self.body, self.timeouts.connect_seconds, fresh)
+                    if response.status != 200 or not streamed:
+                        payload = await response.read()  # an error answer, or a whole (non-streamed) answer
+                    else:
+                        first = await response.content.readany()
+            except TimeoutError:
+                self.metrics.upstream_errors.labels(self.model, "timeout").inc()
+                raise ApiError(504, f"model {self.model!r} did not answer within "
+                               f"{self.timeouts.first_byte_seconds:g} s (timeouts.first_byte_seconds)",
+                               code="upstream_timeout") from None
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                self.metrics.upstream_errors.labels(self.model, "reset").inc()
+                raise self._not_retried(f"the backend failed before its answer was complete ({exc})") from None
+            if response.status != 200:
+                status = await self._pass_through(response, payload, send)
+            elif not streamed:
+                status = await self._send_whole(payload, send)
             else:
-                result = self._send_whole(payload, response)
-            succeeded = True
-            return result
-        except TimeoutError:
-            return self._failed(backend, "timeout", ApiError(
-                504, f"model {model!r} did not answer within {self.timeouts.first_byte_seconds:.0f} s",
-                code="upstream_timeout"), response, "the model backend stopped sending: timed out")
-        except BackendStalled:
-            return self._failed(backend, "timeout", None, response, "the model backend stopped sending: timed out")
-        except ConnectionReset as exc:
-            if not self.started:
-                raise StaleConnection from exc
-            return self._failed(backend, "reset", None, response,
-                                "the model backend failed mid-response; the answer is incomplete")
+                status = await self._relay(response, first, send)
+            clean = True
+            return status
         finally:
-            if conn is not None:
-                if succeeded or conn.complete:
-                    conn.finish()
+            if response is not None:
+                if clean:
+                    self._finish(response)
                 else:
-                    conn.close()  # the backend sees the request end and aborts it (also when the client left)
+                    response.close()  # the backend sees the request end and aborts it (also when the client left)
 
-    def _failed(self, backend: Backend, kind: str, before_start: ApiError | None, response: Response,
-                message: str) -> int:
-        """After the status line went out, an error can only be an SSE event; then the stream ends."""
-        self.metrics.upstream_errors.labels(self.route.served_name, kind).inc()
-        if not self.started:
-            assert before_start is not None
-            raise before_start
-        if kind == "reset":
-            self.pool.set_health(backend, False)
-        response.end(sse_error_event(message, f"upstream_{kind}"))
-        return 200
+    def _finish(self, response: aiohttp.ClientResponse) -> None:
+        """Back to the pool once the body has ended; a backend that never ends it after [DONE] is
+        closed after `idle_seconds` (aiohttp releases the connection itself at the end of body)."""
+        if response.closed:
+            return
+        if response.content.at_eof():
+            response.release()
+            return
+        handle = asyncio.get_running_loop().call_later(self.timeouts.idle_seconds, response.close)
+        response.content.on_eof(handle.cancel)
 
-    def _send_whole(self, payload: bytes, response: Response) -> int:
+    def _our_headers(self) -> Headers:
+        headers = list(self.extra_headers)
+        if self.shaped is not None:
+            if self.shaped.applied:
+                headers.append((b"x-qwen-defaults-applied", ",".join(self.shaped.applied).encode()))
+            if self.shaped.warnings:
+                headers.append((b"x-qwen-warning", "; ".join(self.shaped.warnings).encode()))
+        return headers
+
+    async def _pass_through(self, response: aiohttp.ClientResponse, payload: bytes, send: Send) -> int:
+        """A backend's error answer goes to the client unchanged."""
+        if response.status >= 500:
+            self.metrics.upstream_errors.labels(self.model, "http_5xx").inc()
+        content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+        await send_whole(send, response.status, payload, [(b"content-type", content_type), *self.extra_headers])
+        return response.status
+
+    async def _send_whole(self, payload: bytes, send: Send) -> int:
         """A non-streamed answer: the name the client asked for put back, its usage counted."""
         usage = Usage()
-        body = rewrite_json_response(payload, self.route.served_name, self.route.name, usage)
-        usage.record(self.metrics, self.route.served_name)
-        self.started = True
-        response.send(200, [(b"content-type", b"application/json"), *self._our_headers()], body)
+        body = rewrite_json_response(payload, self.model, self.route.name, usage)
+        usage.record(self.metrics, self.model)
+        await send_whole(send, 200, body, [(b"content-type", JSON_TYPE), *self._our_headers()])
         return 200
-
-    def _pass_through(self, conn: BackendConnection, status: int, payload: bytes, response: Response) -> int:
-        """A backend's error answer goes to the client unchanged."""
-        if status >= 500:
-            self.metrics.upstream_errors.labels(self.route.served_name, "http_5xx").inc()
-        self.started = True
-        content_type = conn.header(b"content-type") or b"application/json"
-        response.send(status, [(b"content-type", content_type)], payload)
-        return status
 
     def _stream_relay(self) -> StreamRelay:
         assert self.shaped is not None
         rewrite = None
-        if self.route.name != self.route.served_name:
-            rewrite = (f'"model":"{self.route.served_name}"'.encode(), f'"model":"{self.route.name}"'.encode())
-        return StreamRelay(self.metrics, self.route.served_name, self.start,
-                           drop_usage=not self.shaped.client_wants_usage, rewrite=rewrite,
-                           completions=self.path.endswith("/completions") and "chat" not in self.path)
+        if self.route.name != self.model:
+            rewrite = (f'"model":"{self.model}"'.encode(), f'"model":"{self.route.name}"'.encode())
+        return StreamRelay(self.metrics, self.model, self.start, drop_usage=not self.shaped.client_wants_usage,
+                           rewrite=rewrite, completions=self.target.startswith("/v1/completions"))
 
-    async def _relay(self, conn: BackendConnection, response: Response, relay: StreamRelay | None,
-                     first_byte_due: float) -> int:
-        """Forward the body as it arrives: SSE through the relay, other bodies untouched.
+    async def _relay(self, response: aiohttp.ClientResponse, data: bytes, send: Send) -> int:
+        """Forward the body as it is read: SSE through the relay, other bodies untouched.
 
-        Returns at the stream's [DONE] (clients may close as soon as they read it); the rest of
-        the backend's body is read and dropped so its keep-alive connection is reused."""
-        loop = asyncio.get_running_loop()
-        ended: asyncio.Future[None] = loop.create_future()
-        self.started = True
+        Ends at the stream's [DONE] (clients may close as soon as they read it); what the
+        backend sends after it is not waited for."""
+        relay = self._stream_relay() if self.shaped is not None else None
         if relay is None:
-            content_type = conn.header(b"content-type") or b"application/json"
-            response.start(200, [(b"content-type", content_type)])
+            content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+            headers = [(b"content-type", content_type), *self.extra_headers]
         else:
-            response.start(200, [*SSE_HEADERS, *self._our_headers()])
-        write, end = response.write, response.end
-
-        def on_data(data: bytes) -> None:
-            if ended.done():
-                return  # after [DONE]: the backend's end of body, dropped
-            if relay is None:
-                write(data)
-                return
-            out = relay.feed(data)
-            if relay.saw_done:
-                # Count and finish at [DONE], not at the backend's end of body: a client may
-                # close its connection as soon as it reads [DONE].
-                relay.usage.record(self.metrics, self.route.served_name)
-                end(out + relay.leftover())
-                ended.set_result(None)
-            elif out:
-                write(out)
-
-        def on_end(error: Exception | None) -> None:
-            if ended.done():
-                return
-            if error is None and relay is None:
-                end()
-                ended.set_result(None)
-            else:
-                # vLLM always ends a stream with [DONE]: a body without it was cut by the backend.
-                ended.set_exception(error or ConnectionReset("stream ended without [DONE]"))
-
-        response.on_pause, response.on_resume = conn.pause_reading, conn.resume_reading
-        conn.stream(on_data, on_end)
-        watchdog = _Watchdog(loop, conn, ended, first_byte_due, self.timeouts.idle_seconds)
+            headers = [*SSE_HEADERS, *self._our_headers()]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        content = response.content
+        loop = asyncio.get_running_loop()
+        watchdog = Watchdog(loop, content, self.timeouts.idle_seconds)
+        # One message object for every chunk: uvicorn reads it and keeps nothing.
+        message = {"type": "http.response.body", "body": b"", "more_body": True}
         try:
-            await ended
+            while data:
+                if relay is None:
+                    message["body"] = data
+                    await send(message)
+                else:
+                    out = relay.feed(data)
+                    if relay.saw_done:
+                        # Count and finish at [DONE], not at the backend's end of body.
+                        relay.usage.record(self.metrics, self.model)
+                        await send({"type": "http.response.body", "body": out + relay.leftover()})
+                        return 200
+                    if out:
+                        message["body"] = out
+                        await send(message)
+                watchdog.waiting_since = loop.time()
+                data = await content.readany()
+                watchdog.waiting_since = None
+            if relay is None:
+                await send({"type": "http.response.body", "body": b""})
+                return 200
+            # vLLM always ends a stream with [DONE]: a body without it was cut by the backend.
+            raise BackendReset("stream ended without [DONE]")
+        except BackendStalled:
+            return await self._failed_mid_stream(response, send, "timeout",
+                                                 "the model backend stopped sending: timed out")
+        except (BackendReset, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            return await self._failed_mid_stream(response, send, "reset",
+                                                 "the model backend failed mid-response; the answer is incomplete")
         finally:
             watchdog.cancel()
-            response.on_pause = response.on_resume = None
-        if not conn.complete:
-            conn.resume_reading()
-            # A backend that never ends its body after [DONE] must not hold the connection forever.
-            loop.call_later(self.timeouts.idle_seconds, _close_if_still_unfinished, conn, conn.requests)
+
+    async def _failed_mid_stream(self, response: aiohttp.ClientResponse, send: Send, kind: str,
+                                 message: str) -> int:
+        """After the status line went out, an error can only be an SSE event; then the stream ends."""
+        response.close()
+        self.metrics.upstream_errors.labels(self.model, kind).inc()
+        await send({"type": "http.response.body", "body": sse_error_event(message, f"upstream_{kind}")})
         return 200
 
 
-def _close_if_still_unfinished(conn: BackendConnection, request: int) -> None:
-    # Only if the connection still carries that request (not a later one, once reused).
-    if conn.requests == request and not conn.complete and not conn.closed:
-        conn.close()
+class Watchdog:
+    """Fails a relay whose backend goes silent for `idle` seconds while the relay waits on it.
 
+    Time spent writing to a slow client does not count (`waiting_since` is None then). One
+    timer per `idle` period, not one per read: a read only stamps a time."""
 
-class _Watchdog:
-    """Fails a relay whose backend goes silent: no body byte by `first_byte_due` (the request's
-    first-byte deadline), then `idle` seconds between reads. One timer per period, not one per
-    read: reads only stamp a time."""
+    __slots__ = ("content", "handle", "idle", "loop", "waiting_since")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: BackendConnection, ended: asyncio.Future[None],
-                 first_byte_due: float, idle: float) -> None:
-        self.loop, self.conn, self.ended = loop, conn, ended
-        self.first_byte_due, self.idle = first_byte_due, idle
-        self.handle = loop.call_at(self._next_check(), self._check)
-
-    def _due(self) -> float:
-        if self.conn.body_seen:
-            return self.conn.last_data + self.idle
-        return self.first_byte_due
+    def __init__(self, loop: asyncio.AbstractEventLoop, content: aiohttp.StreamReader, idle: float) -> None:
+        self.loop, self.content, self.idle = loop, content, idle
+        self.waiting_since: float | None = None
+        self.handle = loop.call_later(idle, self._check)
 
     def _check(self) -> None:
-        if self.ended.done():
+        since = self.waiting_since
+        now = self.loop.time()
+        if since is not None and now - since >= self.idle:
+            self.content.set_exception(BackendStalled())
             return
-        if self.loop.time() >= self._due():
-            self.ended.set_exception(BackendStalled())
-        else:
-            self.handle = self.loop.call_at(self._next_check(), self._check)
-
-    def _next_check(self) -> float:
-        # Before the first body byte the idle rule does not apply yet, but it will as soon as
-        # the body starts: look again within `idle`.
-        return min(self._due(), self.loop.time() + self.idle)
+        self.handle = self.loop.call_at((since if since is not None else now) + self.idle, self._check)
 
     def cancel(self) -> None:
         self.handle.cancel()

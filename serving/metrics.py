@@ -55,7 +55,8 @@ class Metrics:
                                         ["model"], registry=registry)
         self.in_flight = Gauge(f"{p}_requests_in_flight", "Requests being answered", ["model"],
                                registry=registry, multiprocess_mode="livesum")
-        self.upstream_errors = Counter(f"{p}_upstream_errors", "Backend failures by kind",
+        self.upstream_errors = Counter(f"{p}_upstream_errors", "Backend failures by kind (connect, "
+                                       "stale_connection, reset, timeout, http_5xx)",
                                        ["model", "kind"], registry=registry)
         self.defaults_applied = Counter(f"{p}_defaults_applied", "Profile defaults filled into requests",
                                         ["model", "field"], registry=registry)
@@ -66,6 +67,8 @@ class Metrics:
                                 ["model", "backend"], registry=registry, multiprocess_mode="livemostrecent")
         self.rejected = Counter(f"{p}_rejected_requests", "Requests refused before reaching a backend",
                                 ["reason"], registry=registry)
+        self.exhausted = Counter(f"{p}_resource_exhausted", "Requests answered 503 because the proxy ran out "
+                                 "of descriptors or buffers (its own limit), by errno", ["errno"], registry=registry)
 
     def exposition(self) -> bytes:
         if self.multiprocess_dir:

@@ -1,68 +1,127 @@
-"""Backends of each model: least-in-flight choice, background health checks."""
+"""Requests to the vLLM backends on aiohttp's client, with failures sorted by what they prove.
+
+What matters for a retry is whether the backend may have started the request:
+- `ConnectFailed`: refused or timed out connecting. Nothing was sent: safe to try elsewhere.
+- `StaleConnection`: a *reused* keep-alive connection closed before any response byte, the
+  routine race with a backend closing an idle connection. Safe to send once more, on a fresh one.
+- `BackendReset`: a fresh connection failed after the request went out. The backend may have
+  started it (or crashed on it): never retried, never taken alone as proof the backend is down.
+- `LocalExhausted`: this process or host ran out of descriptors or buffers: the proxy's own limit.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-from serving.httpclient import BackendPool, ConnectFailed, ConnectionReset
-from serving.metrics import Metrics
+import aiohttp
+from yarl import URL
 
+from serving.resources import exhausted
+
+# vLLM closes idle keep-alive connections after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): dropping ours
+# first keeps the reuse race rare.
+KEEPALIVE_SECONDS = 4.0
 HEALTH_TIMEOUT_SECONDS = 2.0
+JSON_HEADERS = {"content-type": "application/json"}
+# Only what the proxy itself sets reaches a backend; no compression on the token path.
+SKIP_HEADERS = ("User-Agent", "Accept-Encoding")
 
 
-@dataclass(eq=False)
-class Backend:
-    url: str
-    model: str
-    healthy: bool = False
-    in_flight: int = 0
-    connections: BackendPool = field(init=False)
-
-    def open(self) -> None:
-        """Create the connection pool (on the running event loop)."""
-        self.connections = BackendPool(self.url)
+class UpstreamError(Exception):
+    """A backend exchange that failed before any response head."""
 
 
-class Pool:
-    """The backends serving one model (one vLLM server each)."""
-
-    def __init__(self, model: str, urls: list[str], metrics: Metrics) -> None:
-        self.model = model
-        self.backends = [Backend(url, model) for url in urls]
-        self.metrics = metrics
-
-    def pick(self, exclude: set[Backend]) -> Backend | None:
-        candidates = [b for b in self.backends if b.healthy and b not in exclude]
-        return min(candidates, key=lambda b: b.in_flight) if candidates else None
-
-    @property
-    def any_healthy(self) -> bool:
-        return any(b.healthy for b in self.backends)
-
-    def set_health(self, backend: Backend, healthy: bool) -> None:
-        backend.healthy = healthy
-        self.metrics.backend_up.labels(self.model, backend.url).set(1 if healthy else 0)
+class ConnectFailed(UpstreamError):
+    pass
 
 
-async def _probe(backend: Backend) -> bool:
-    try:
-        status, _ = await backend.connections.get("/health", HEALTH_TIMEOUT_SECONDS)
-    except (TimeoutError, ConnectFailed, ConnectionReset, OSError):
-        return False
-    return status == 200
+class StaleConnection(UpstreamError):
+    pass
 
 
-async def check_all(pools: list[Pool]) -> None:
-    checks = [(pool, backend) for pool in pools for backend in pool.backends]
-    results = await asyncio.gather(*(_probe(backend) for _, backend in checks))
-    for (pool, backend), healthy in zip(checks, results, strict=True):
-        pool.set_health(backend, healthy)
+class BackendReset(UpstreamError):
+    pass
 
 
-async def health_loop(pools: list[Pool], interval: float) -> None:
-    while True:
-        with contextlib.suppress(Exception):  # a failed round must never end the loop
-            await check_all(pools)
-        await asyncio.sleep(interval)
+class LocalExhausted(UpstreamError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+async def _mark_reused(_session: aiohttp.ClientSession, context: SimpleNamespace, _params: object) -> None:
+    context.trace_request_ctx.reused = True
+
+
+class Attempt:
+    """What aiohttp's tracing tells about one attempt's connection."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+class Upstream:
+    """The proxy's HTTP clients: one pooled session for requests, one without keep-alive for
+    health checks and for the retry after a stale connection (a guaranteed fresh connection)."""
+
+    def __init__(self) -> None:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_mark_reused)
+        common = {"auto_decompress": False, "skip_auto_headers": SKIP_HEADERS,
+                  "timeout": aiohttp.ClientTimeout(total=None)}
+        self.pooled = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS),
+            trace_configs=[trace], **common)  # type: ignore[arg-type]
+        self.fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), **common)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self.pooled.close()
+        await self.fresh.close()
+
+    async def post(self, url: URL, body: bytes, connect_seconds: float, fresh: bool) -> aiohttp.ClientResponse:
+        """Send the request and read the response head; the body is the caller's to read."""
+        attempt = Attempt()
+        session = self.fresh if fresh else self.pooled
+        try:
+            return await session.post(url, data=body, headers=JSON_HEADERS, trace_request_ctx=attempt,
+                                      timeout=_connect_timeout(connect_seconds))
+        except aiohttp.ConnectionTimeoutError:
+            raise ConnectFailed(f"no connection within {connect_seconds:g} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _classified(exc, ConnectFailed(f"cannot connect: {exc.strerror or exc}")) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if attempt.reused:
+                raise StaleConnection(str(exc)) from None
+            raise _classified(exc, BackendReset("the backend closed the connection after receiving the "
+                                                "request, before answering")) from None
+        except aiohttp.ClientResponseError as exc:
+            raise BackendReset(f"the backend sent a malformed response head: {exc.message}") from None
+
+    async def healthy(self, base: URL) -> bool | None:
+        """GET /health: True/False, or None when this process could not even try (its own limits)."""
+        try:
+            async with self.fresh.get(base / "health", timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_SECONDS)) \
+                    as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return None if exhausted(exc) else False
+
+
+_TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}
+
+
+def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    # One object per configured value: no allocation per request.
+    timeout = _TIMEOUTS.get(seconds)
+    if timeout is None:
+        timeout = _TIMEOUTS[seconds] = aiohttp.ClientTimeout(total=None, sock_connect=seconds)
+    return timeout
+
+
+def _classified(exc: BaseException, otherwise: UpstreamError) -> UpstreamError:
+    name = exhausted(exc)
+    return LocalExhausted(name) if name else otherwise

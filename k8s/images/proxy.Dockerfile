@@ -12,8 +12,10 @@ RUN pip install \
         "pydantic==2.14.4" \
         "PyYAML==6.0.4" \
         "prometheus-client==0.26.0" \
+        "uvicorn==0.55.0" \
         "uvloop==0.23.0" \
-        "httptools==0.9.0"
+        "httptools==0.9.0" \
+        "aiohttp==3.14.5"
 
 WORKDIR /app
 COPY deploy/ deploy/

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from serving.metrics import Metrics
-from serving.relay import StreamRelay, Usage, add_reasoning_content, rewrite_json_response
+from serving.openai_stream import StreamRelay, Usage, add_reasoning_content, rewrite_json_response
 
 CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":" hi"},"finish_reason":null}],"model":"m"}\n\n'
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"model":"m"}\n\n'

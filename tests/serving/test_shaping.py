@@ -8,7 +8,7 @@ import pytest
 
 from deploy.profile import Sampling, SamplingDefaults
 from serving.errors import ApiError
-from serving.shaping import shape
+from serving.openai_shaping import shape
 
 QWQ = Sampling(
     defaults=SamplingDefaults(temperature=0.6, top_p=0.95, top_k=40, min_p=0.0, max_tokens=32768,

@@ -1,0 +1,202 @@
+"""uvicorn's httptools protocol with the limits a public endpoint needs, and nothing else changed.
+
+uvicorn (its httptools parser, framing, keep-alive, flow control, pipelining order) carries
+HTTP. This subclass adds what uvicorn leaves to a proxy in front of it:
+- request line and headers capped at 64 KiB: 431, also while they are still arriving (the
+  parser buffers an unfinished header line without bound);
+- at most MAX_PIPELINED requests waiting behind a busy one on a connection: 503 for the rest;
+- trailer fields after a chunked body are dropped (uvicorn appends them to the request's
+  headers, past every check made on those);
+- a connection holding part of a request, or nothing at all, for `client_idle_seconds` is
+  closed (uvicorn's keep-alive timer only runs after a response);
+- protocol upgrades refused with 400.
+A refusal is answered in order: after the answers to the requests before it, then the
+connection closes. Errors are JSON in OpenAI's shape, like every other answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from serving.errors import error_body
+
+log = logging.getLogger("serving")
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_PIPELINED = 16
+HEADER_LIMIT = f"request line and headers exceed {MAX_HEADER_BYTES} bytes"
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ProxyHttpProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_seconds = float(self.config.timeout_keep_alive)
+        self._in_head = False
+        self._head_bytes = 0  # request line and header fields parsed so far (exact)
+        self._unfinished_bytes = 0  # bytes of reads that ended inside the head (an upper bound)
+        self._body_bytes = 0  # body bytes in the current read
+        self._stopped = False  # nothing more is parsed on this connection
+        self._refusal: Refusal | None = None  # answered once the earlier requests are
+        self._idle: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+
+    # ---- connection ----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._last_read = self.loop.time()
+        self._arm_idle(self.idle_seconds)  # a connection that never sends a byte is closed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_idle()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return  # after a refusal: the connection closes once the earlier answers are out
+        self._unset_keepalive_if_required()
+        self._last_read = self.loop.time()
+        self._body_bytes = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(Refusal(400, "protocol upgrades are not supported"))
+            return
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            self._refuse(cause if isinstance(cause, Refusal) else
+                         Refusal(400, f"malformed HTTP request: {_reason(exc)}"))
+            return
+        if self._in_head:
+            # httptools holds an unfinished header line without reporting it: bound it by the reads.
+            # A read may also hold the end of the request before (its body is subtracted).
+            self._unfinished_bytes += len(data) - self._body_bytes
+            if self._unfinished_bytes > MAX_HEADER_BYTES:
+                self._refuse(Refusal(431, HEADER_LIMIT))
+                return
+        if self._idle is None and self._waiting_on_client():
+            self._arm_idle(self.idle_seconds)
+
+    # ---- parser callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = self._unfinished_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: never part of the request the proxy checked
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._unfinished_bytes = 0
+        if self.parser.should_upgrade():
+            raise Refusal(400, "protocol upgrades are not supported")
+        latest = self.cycle
+        super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self.pipeline.popleft()  # the request just parsed: never started
+            self.cycle = latest
+            raise Refusal(503, f"more than {MAX_PIPELINED} pipelined requests wait on this connection; "
+                          "send the others after their answers or on another connection")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None and not self._busy():
+            self._answer(self._refusal)
+
+    # ---- limits ----------------------------------------------------------------------------------
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEADER_BYTES:
+            raise Refusal(431, HEADER_LIMIT)
+
+    def _busy(self) -> bool:
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Stop parsing; answer the refusal now, or after the answers still owed."""
+        self._stopped = True
+        self._cancel_idle()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            # The refusal is about this request's own body.
+            queued = next((entry for entry in self.pipeline if entry[0] is cycle), None)
+            if queued is not None:
+                self.pipeline.remove(queued)  # never started
+            elif not cycle.response_started:
+                cycle.disconnected = True  # its handler stops waiting for the rest of the body
+                cycle.message_event.set()
+                self._answer(refusal)
+                return
+            else:
+                cycle.keep_alive = False  # it answered already; close after it
+                return
+        if self._busy():
+            self._refusal = refusal
+        else:
+            self._answer(refusal)
+
+    def _answer(self, refusal: Refusal) -> None:
+        if self.transport.is_closing():
+            return
+        body = error_body(refusal.status, refusal.message)
+        head = [STATUS_LINE[refusal.status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                    % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    # ---- idle clients ----------------------------------------------------------------------------
+    def _waiting_on_client(self) -> bool:
+        """Part of a request is in, and the rest is the client's to send."""
+        cycle = self.cycle
+        return self._in_head or (cycle is not None and cycle.more_body and not cycle.response_complete)
+
+    def _arm_idle(self, delay: float) -> None:
+        # One timer that re-arms itself for what is left, rather than a new one per read.
+        self._idle = self.loop.call_later(delay, self._on_idle)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        never_sent = self.cycle is None and not self._in_head
+        if self.transport.is_closing() or not (never_sent or self._waiting_on_client()):
+            return  # a request is being answered; after it, uvicorn's keep-alive timer takes over
+        left = self._last_read + self.idle_seconds - self.loop.time()
+        if left > 0:
+            self._arm_idle(left)
+        else:
+            self.transport.close()
+
+
+def _reason(exc: httptools.HttpParserError) -> str:
+    text = str(exc)
+    return text or type(exc).__name__
