@@ -9,19 +9,17 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from deploy.profile import Profile, Sampling, load_profile
+from deploy.typed_config import Strict, describe_errors
 
 MAX_WORKERS = 64
+KEYS_HINT = "configs/proxy.yaml documents every key"
 # vLLM 0.32's OpenAI-compatible endpoints that take a JSON body naming a `model`, besides the two
 # the proxy shapes (chat and completions). Admin endpoints (LoRA loading, sleep, profiling, cache
 # resets) are left out on purpose: the public endpoint must not reach them.
 DEFAULT_FORWARD_PATHS = ("/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Listen(Strict):
@@ -132,15 +130,6 @@ class Route:
     entry: ModelEntry
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        loc = ".".join(str(p) for p in error["loc"])
-        msg = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
-
-
 def load_config(path: Path) -> ProxyConfig:
     try:
         data = yaml.safe_load(path.read_text())
@@ -148,10 +137,13 @@ def load_config(path: Path) -> ProxyConfig:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with at least `models:` ({KEYS_HINT}), "
+                          f"got {'an empty file' if data is None else type(data).__name__}")
     try:
         return ProxyConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_describe(exc)}") from None
+        raise ConfigError(f"{path}: {describe_errors(exc, KEYS_HINT)}") from None
 
 
 def config_from_backends(specs: list[str], host: str, port: int) -> ProxyConfig:
@@ -165,7 +157,7 @@ def config_from_backends(specs: list[str], host: str, port: int) -> ProxyConfig:
     try:
         return ProxyConfig.model_validate({"listen": {"host": host, "port": port}, "models": models})
     except ValidationError as exc:
-        raise ConfigError(f"--backend: {_describe(exc)}") from None
+        raise ConfigError(f"--backend: {describe_errors(exc, KEYS_HINT)}") from None
 
 
 def build_routes(config: ProxyConfig) -> dict[str, Route]:

@@ -1,0 +1,55 @@
+"""The proxy's config file: every mistake is refused with the file and the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.config import DEFAULT_FORWARD_PATHS, ConfigError, load_config
+
+MODEL = {"profile": "tiny-qwen3", "backends": ["http://127.0.0.1:8100"]}
+
+
+def config_file(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data) if data is not None else "")
+    return path
+
+
+def refusal(tmp_path: Path, data: object) -> str:
+    path = config_file(tmp_path, data)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: "), message
+    return message
+
+
+def test_the_shipped_config_loads_with_documented_defaults() -> None:
+    config = load_config(Path("configs/proxy.yaml"))
+    assert config.forward_paths == list(DEFAULT_FORWARD_PATHS)
+    assert config.retries.max_attempts == 3
+    assert config.models[0].routing == "prefix_affinity"
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert "expected a mapping with at least `models:`" in refusal(tmp_path, None)
+
+
+def test_unknown_key_names_its_path(tmp_path: Path) -> None:
+    message = refusal(tmp_path, {"models": [{**MODEL, "backendz": []}]})
+    assert "models[0].backendz: unknown key" in message
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"models": [{**MODEL, "backends": ["127.0.0.1:8100"]}]}, "models[0].backends: backend '127.0.0.1:8100' must be"),
+    ({"models": [MODEL], "forward_paths": ["/v1/x?y=1"]}, "forward_paths: forward path '/v1/x?y=1' must be a plain path"),
+    ({"models": [MODEL], "forward_paths": ["/admin"]}, "forward_paths: forward path '/admin' must be a plain path"),
+    ({"models": [MODEL], "forward_paths": ["/v1/%2e%2e/x"]}, "forward path '/v1/%2e%2e/x' must be a plain path"),
+    ({"models": [MODEL], "retries": {"max_attempts": 0}}, "retries.max_attempts: Input should be greater than"),
+    ({"models": [{**MODEL, "routing": "random"}]}, "models[0].routing: Input should be 'prefix_affinity' or"),
+])
+def test_bad_values_name_the_key(tmp_path: Path, data: object, expected: str) -> None:
+    assert expected in refusal(tmp_path, data)
