@@ -55,8 +55,10 @@ endif
 .PHONY: tiny-model
 tiny-model: $(TINY_MODEL) ## Generate the tiny CPU Qwen3 model into .cache/models (no download)
 
-$(TINY_MODEL): | $(STAMP)
+# Made again when its generator changes (the generator also checks a stamp of its own source).
+$(TINY_MODEL): deploy/tiny_model.py | $(STAMP)
 	$(PY) -m deploy tiny-model
+	touch $@
 
 .PHONY: clean
 clean: ## Remove generated models, results and caches (keeps .venv)

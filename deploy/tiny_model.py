@@ -6,6 +6,7 @@ same code paths as the real models, so token counts, streaming, usage and metric
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -32,7 +33,12 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% for message in messages %}"
     "{% if message.role != 'system' %}"
-    "<|im_start|>{{ message.role }}\n{{ message.content if message.content is string else '' }}<|im_end|>\n"
+    "<|im_start|>{{ message.role }}\n"
+    # An assistant turn's reasoning, as Qwen3's template renders it (vLLM passes it as
+    # reasoning_content): so tests can see whether reasoning in the history reached the prompt.
+    "{% if message.role == 'assistant' and message.reasoning_content %}"
+    "<think>\n{{ message.reasoning_content }}\n</think>\n\n{% endif %}"
+    "{{ message.content if message.content is string else '' }}<|im_end|>\n"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -111,9 +117,19 @@ def build_model(out: Path, vocab_size: int) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+# The generator's own source, hashed: a model made by an older version of this file is made again.
+GENERATOR_STAMP = ".generator-sha256"
+
+
+def _generator_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def generate(out: Path, force: bool = False) -> Path:
     """Write the model into `out` (atomically: a half-written model is never left behind)."""
-    if (out / "config.json").is_file() and not force:
+    stamp = out / GENERATOR_STAMP
+    current = (out / "config.json").is_file() and stamp.is_file() and stamp.read_text() == _generator_digest()
+    if current and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
@@ -127,6 +143,7 @@ def generate(out: Path, force: bool = False) -> Path:
         config.update(eos_token_id=eos, bos_token_id=_token_id(staging, "<|endoftext|>"))
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (staging / "generation_config.json").unlink(missing_ok=True)
+        (staging / GENERATOR_STAMP).write_text(_generator_digest())
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -37,3 +37,24 @@ def test_chatml_template(tiny_model_dir: Path) -> None:
         tokenize=False, add_generation_prompt=True,
     )
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_assistant_reasoning_is_rendered_like_qwen3(tiny_model_dir: Path) -> None:
+    """vLLM hands an assistant message's reasoning to the template as reasoning_content."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A", "reasoning_content": "R"}],
+        tokenize=False,
+    )
+    assert text == "<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n"
+
+
+def test_a_model_from_an_older_generator_is_made_again(tmp_path: Path) -> None:
+    from deploy.tiny_model import GENERATOR_STAMP
+
+    out = generate(tmp_path / "tiny-qwen3")
+    (out / GENERATOR_STAMP).write_text("an older generator")
+    (out / "tokenizer_config.json").write_text("{}")
+    generate(out)
+    assert (out / "tokenizer_config.json").read_text() != "{}"
+    assert (out / GENERATOR_STAMP).read_text() != "an older generator"
