@@ -37,6 +37,7 @@ class Effective:
     reasoning_parser: str | None
     tool_call_parser: str | None
     enable_auto_tool_choice: bool
+    access_log_excluded: list[str]  # paths vLLM's uvicorn access log filter drops
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +114,11 @@ def check_profile(profile: Profile) -> Effective:
     except Exception as exc:  # noqa: BLE001 - vLLM raises pydantic, value, type and OS errors here
         raise CheckError(f"{profile.name}: vLLM refused the model config: {_first_reason(exc)}") from None
 
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    log_config = get_uvicorn_log_config(namespace) or {}
+    excluded = log_config.get("filters", {}).get("access_log_filter", {}).get("excluded_paths", [])
+
     hf = model_config.hf_text_config
     rope: dict[str, Any] = dict(getattr(hf, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
@@ -139,4 +145,5 @@ def check_profile(profile: Profile) -> Effective:
         reasoning_parser=namespace.reasoning_parser or None,
         tool_call_parser=namespace.tool_call_parser or None,
         enable_auto_tool_choice=bool(namespace.enable_auto_tool_choice),
+        access_log_excluded=[str(path) for path in excluded],
     )

@@ -51,6 +51,7 @@ def _describe_effective(values: dict[str, object]) -> str:
     if values["rope_type"] != "default":
         rope = (f"{values['rope_type']} factor {values['rope_factor']} over "
                 f"{values['rope_original_max_position_embeddings']}")
+    skipped = values["access_log_excluded"]
     rows = [
         ("max_model_len", values["max_model_len"]),
         ("rope scaling", rope),
@@ -63,6 +64,7 @@ def _describe_effective(values: dict[str, object]) -> str:
         ("reasoning parser", values["reasoning_parser"] or "none"),
         ("tool-call parser", values["tool_call_parser"] or "none"),
         ("auto tool choice", values["enable_auto_tool_choice"]),
+        ("access log skips", ",".join(map(str, skipped)) if isinstance(skipped, list) and skipped else "nothing"),
     ]
     return "\n".join(f"  {name:<18} {value}" for name, value in rows)
 

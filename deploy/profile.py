@@ -18,6 +18,8 @@ from deploy.paths import CONFIGS_DIR, MODELS_DIR, REPO_ROOT
 from deploy.typed_config import Strict, describe_errors
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+# What the proxy's health checks, Kubernetes probes and Prometheus poll on every vLLM server.
+POLLED_PATHS = ("/health", "/metrics")
 
 
 class RopeScaling(Strict):
@@ -131,6 +133,11 @@ class Profile(Strict):
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
+    access_log_exclude: list[str] = Field(
+        default_factory=lambda: list(POLLED_PATHS),
+        description="Paths vLLM's access log leaves out: /health and /metrics are polled every few seconds "
+        "(the proxy's health checks, Kubernetes probes, Prometheus). [] logs every request.",
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Environment for the vLLM process.")
     engine_args: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict,
@@ -145,6 +152,15 @@ class Profile(Strict):
         for key in value:
             if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", key):
                 raise ValueError(f"engine_args key {key!r} must be a vLLM flag name like 'max-logprobs'")
+        return value
+
+    @field_validator("access_log_exclude")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            # vLLM takes them as one comma-separated string and matches each path exactly.
+            if not re.fullmatch(r"/[^,\s?#]*", path):
+                raise ValueError(f"{path!r} must be a URL path such as /health (no comma, space or query)")
         return value
 
     @model_validator(mode="after")

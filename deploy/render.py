@@ -77,6 +77,8 @@ def engine_args(profile: Profile, model: str | None = None) -> list[str]:
         args += ["--tool-call-parser", p.tool_call_parser]
     if p.enable_auto_tool_choice:
         args.append("--enable-auto-tool-choice")
+    if p.access_log_exclude:
+        args += ["--disable-access-log-for-endpoints", ",".join(p.access_log_exclude)]
     for name, value in p.engine_args.items():
         if value is True:
             args.append(_flag(name))

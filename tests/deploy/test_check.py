@@ -77,3 +77,9 @@ def test_cli_check_failure_is_one_line() -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "greater than the derived max_model_len" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_health_and_metrics_polls_stay_out_of_the_access_log() -> None:
+    """vLLM's own log config drops the polled paths (proxy health checks, probes, Prometheus)."""
+    assert check_profile(load_profile("qwq-32b")).access_log_excluded == ["/health", "/metrics"]
+    assert check_profile(load_profile("tiny-qwen3", ["access_log_exclude=[]"])).access_log_excluded == []

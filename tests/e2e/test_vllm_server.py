@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import httpx
 import openai
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -57,3 +59,17 @@ def test_stream_wire_format(vllm_server: RunningServer) -> None:
     assert all(line.startswith("data: ") for line in events)
     assert events[-1] == "data: [DONE]"
     assert len(events) >= 3
+
+
+def test_access_log_keeps_requests_but_not_health_and_metrics_polls(client: openai.OpenAI,
+                                                                   vllm_server: RunningServer) -> None:
+    """The launcher polled /health until vLLM was up, and the proxy and Prometheus poll /health and
+    /metrics every few seconds: none of that is in vLLM's access log, every request still is."""
+    for path in ("/health", "/metrics"):
+        with urllib.request.urlopen(vllm_server.base_url + path, timeout=10) as response:
+            assert response.status == 200
+    client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    logged = '"POST /v1/chat/completions HTTP/1.1" 200'
+    wait_until(lambda: logged in vllm_server.log_tail(100_000), 30, "the request in vLLM's access log")
+    log = vllm_server.log_tail(100_000)
+    assert '"GET /health HTTP/1.1"' not in log and '"GET /metrics HTTP/1.1"' not in log
