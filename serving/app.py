@@ -32,6 +32,7 @@ from serving.http_io import (
 )
 from serving.metrics import Metrics, status_class
 from serving.openai_shaping import shape
+from serving.openapi import spec_json
 from serving.resources import ThrottledLog
 from serving.routing import ModelBackends, check_all, health_loop
 from serving.upstream import Upstream
@@ -42,6 +43,8 @@ MODELS = "/v1/models"
 SHAPED = {CHAT: "chat", COMPLETIONS: "completions"}
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
 READ_METHODS = ("GET", "HEAD")
+OPENAPI = "/openapi.json"
+OPERATIONAL = frozenset({"/health", "/ready", "/metrics", OPENAPI})  # no auth: probes and scrapers
 
 
 class ProxyApp:
@@ -67,6 +70,7 @@ class ProxyApp:
         self.upstream: Upstream | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._models_body = self._models_listing()
+        self._openapi = spec_json(config.forward_paths)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -102,10 +106,15 @@ class ProxyApp:
                 await self._api(incoming, receive, send)
             finally:
                 self.active -= 1
-        elif incoming.method not in READ_METHODS or path not in ("/health", "/ready", "/metrics"):
+        elif path not in OPERATIONAL:
             await send_json(send, 404, error_body(404, f"no such path: {path}"), close=self.draining)
+        elif incoming.method not in READ_METHODS:
+            await send_json(send, 405, error_body(405, f"{path} takes GET, not {incoming.method}"),
+                            {"allow": "GET, HEAD"}, close=self.draining)
         elif path == "/health":
             await send_json(send, 200, b'{"status":"ok"}', close=self.draining)
+        elif path == OPENAPI:
+            await send_json(send, 200, self._openapi, close=self.draining)
         elif path == "/ready":
             detail = {model.model: model.any_healthy for model in self.models}
             body = json.dumps({"ready": self.ready, "draining": self.draining, "models": detail}).encode()
@@ -135,7 +144,9 @@ class ProxyApp:
             except ApiError as exc:
                 self.metrics.rejected.labels("auth" if exc.status == 401 else "rate_limit").inc()
                 raise
-            if path == MODELS and incoming.method in READ_METHODS:
+            if path == MODELS:
+                if incoming.method not in READ_METHODS:
+                    raise ApiError(405, f"{path} takes GET, not {incoming.method}", headers={"allow": "GET, HEAD"})
                 await send_json(send, 200, self._models_body, close=self.draining)
                 status = 200
                 return

@@ -56,6 +56,10 @@ class ModelEntry(Strict):
         "to the same backend (its prefix cache), within bounded load; least_in_flight: the backend with the "
         "fewest requests in flight, ties round-robin. With one backend both are the same.")
     affinity: Affinity = Field(default_factory=Affinity)
+    hub_id_name: bool | None = Field(
+        default=None, description="Whether this model also answers to its profile's hub id (e.g. "
+        "Qwen/QwQ-32B), as vLLM names a model served without a name. Unset: yes, unless another "
+        "configured model has the same hub id (then one of them must say true).")
 
     @field_validator("backends")
     @classmethod
@@ -163,17 +167,43 @@ def config_from_backends(specs: list[str], host: str, port: int) -> ProxyConfig:
 def build_routes(config: ProxyConfig) -> dict[str, Route]:
     """Every client-visible name -> its route; names must be unique across models."""
     routes: dict[str, Route] = {}
+    profiles = []
     for index, entry in enumerate(config.models):
         try:
             profile = load_profile(entry.profile)
         except Exception as exc:  # noqa: BLE001 - a profile error is reported with its config key
             raise ConfigError(f"models[{index}].profile: {exc}") from None
+        profiles.append(profile)
         for name in [profile.served_model_name, *profile.alias_names]:
             if name in routes:
                 raise ConfigError(f"models[{index}]: model name {name!r} is already served by "
                                   f"profile {routes[name].profile.name!r}")
             routes[name] = Route(name, profile.served_model_name, profile, profile.sampling_for(name), entry)
+    for hub_id, index in _hub_id_owners(config, profiles).items():
+        profile = profiles[index]
+        if hub_id not in routes:  # a served name or alias spelled like the hub id is already there
+            routes[hub_id] = Route(hub_id, profile.served_model_name, profile, profile.sampling, config.models[index])
     return routes
+
+
+def _hub_id_owners(config: ProxyConfig, profiles: list[Profile]) -> dict[str, int]:
+    """Hub id -> the index of the model entry that answers to it."""
+    claims: dict[str, list[int]] = {}
+    for index, profile in enumerate(profiles):
+        if profile.model_path is None:  # a hub id, not a local directory
+            claims.setdefault(profile.model, []).append(index)
+    owners: dict[str, int] = {}
+    for hub_id, indexes in claims.items():
+        said = [i for i in indexes if config.models[i].hub_id_name is True]
+        open_ = [i for i in indexes if config.models[i].hub_id_name is None]
+        chosen = said if said else open_
+        if len(chosen) > 1:
+            names = " and ".join(f"models[{i}] (profile {profiles[i].name})" for i in chosen)
+            raise ConfigError(f"{names} both serve {hub_id}, so {hub_id!r} would name either: set "
+                              f"hub_id_name: true on the one that answers to it (and false on the other)")
+        if chosen:
+            owners[hub_id] = chosen[0]
+    return owners
 
 
 def load_api_keys(auth: Auth, environ: Mapping[str, str] = os.environ) -> list[bytes]:

@@ -13,6 +13,13 @@ from deploy.profile import Sampling
 from serving.errors import ApiError
 
 NUMBER = (int, float)
+# Documented OpenAI request fields that vLLM 0.32 accepts and drops without a word (not in its
+# request models; tests/serving/test_shaping.py checks these lists against vLLM's and the openai
+# client's own definitions). The proxy answers, and says so in x-qwen-warning.
+IGNORED_BY_VLLM_CHAT = ("audio", "function_call", "functions", "metadata", "modalities", "moderation",
+                        "prediction", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+                        "safety_identifier", "service_tier", "store", "verbosity", "web_search_options")
+IGNORED_BY_VLLM_COMPLETIONS = ("best_of",)
 
 
 @dataclass
@@ -76,6 +83,12 @@ def _qwen_compat(body: dict[str, Any]) -> None:
         body["stop_token_ids"] = [*existing, *ids]
 
 
+def _ignored_fields(body: dict[str, Any], chat: bool) -> list[str]:
+    names = IGNORED_BY_VLLM_CHAT if chat else IGNORED_BY_VLLM_COMPLETIONS
+    return [f"'{name}' is ignored by this deployment (vLLM does not implement it)"
+            for name in names if body.get(name) is not None]
+
+
 def shape(body: dict[str, Any], sampling: Sampling, chat: bool) -> Shaped:
     for name, kind in (("stream", "bool"), ("temperature", "number"), ("max_tokens", "int"),
                        ("max_completion_tokens", "int"), ("chat_template_kwargs", "object"),
@@ -83,7 +96,7 @@ def shape(body: dict[str, Any], sampling: Sampling, chat: bool) -> Shaped:
         _expect(body, name, kind)
     _qwen_compat(body)
     applied: list[str] = []
-    warnings: list[str] = []
+    warnings: list[str] = _ignored_fields(body, chat)
 
     if chat and "enable_thinking" in body:
         thinking = body.pop("enable_thinking")

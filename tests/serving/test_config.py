@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.config import DEFAULT_FORWARD_PATHS, ConfigError, load_config
+from serving.config import DEFAULT_FORWARD_PATHS, ConfigError, build_routes, load_config
 
 MODEL = {"profile": "tiny-qwen3", "backends": ["http://127.0.0.1:8100"]}
 
@@ -53,3 +53,40 @@ def test_unknown_key_names_its_path(tmp_path: Path) -> None:
 ])
 def test_bad_values_name_the_key(tmp_path: Path, data: object, expected: str) -> None:
     assert expected in refusal(tmp_path, data)
+
+
+def hub_config(tmp_path: Path, first: bool | None = None, second: bool | None = None) -> Path:
+    models = [{"profile": "qwq-32b", "backends": ["http://127.0.0.1:1"]},
+              {"profile": "qwq-32b-short", "backends": ["http://127.0.0.1:2"]}]
+    for model, said in zip(models, (first, second), strict=True):
+        if said is not None:
+            model["hub_id_name"] = said
+    return config_file(tmp_path, {"models": models})
+
+
+def test_a_hub_id_two_models_share_must_be_claimed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_routes(load_config(hub_config(tmp_path)))
+    assert str(raised.value) == (
+        "models[0] (profile qwq-32b) and models[1] (profile qwq-32b-short) both serve Qwen/QwQ-32B, so "
+        "'Qwen/QwQ-32B' would name either: set hub_id_name: true on the one that answers to it (and false "
+        "on the other)")
+
+
+@pytest.mark.parametrize(("first", "second", "owner"), [(True, None, "qwq-32b"), (None, False, "qwq-32b"),
+                                                        (False, True, "qwq-32b-short")])
+def test_the_claimed_hub_id_names_that_model(tmp_path: Path, first: bool | None, second: bool | None,
+                                             owner: str) -> None:
+    routes = build_routes(load_config(hub_config(tmp_path, first, second)))
+    assert routes["Qwen/QwQ-32B"].served_name == owner
+    assert {"qwq-32b", "qwq", "qwq-32b-short"} <= set(routes)
+
+
+def test_one_model_answers_to_its_hub_id_unasked(tmp_path: Path) -> None:
+    path = config_file(tmp_path, {"models": [{"profile": "qwen3-4b-instruct-fp8", "backends": ["http://h:1"]}]})
+    route = build_routes(load_config(path))["Qwen/Qwen3-4B-Instruct-2507-FP8"]
+    assert route.served_name == route.profile.served_model_name and route.sampling == route.profile.sampling
+
+
+def test_a_local_model_has_no_hub_id(tmp_path: Path) -> None:
+    assert set(build_routes(load_config(config_file(tmp_path, {"models": [MODEL]})))) == {"tiny", "tiny-qwen3"}

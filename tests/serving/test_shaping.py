@@ -99,3 +99,35 @@ def test_stream_always_asks_backend_for_usage() -> None:
     assert shaped.body["stream_options"] == {"include_usage": True} and not shaped.client_wants_usage
     shaped = shape(chat(stream=True, stream_options={"include_usage": True}), QWQ, chat=True)
     assert shaped.client_wants_usage
+
+
+# ---- fields vLLM ignores ----------------------------------------------
+
+@pytest.mark.parametrize(("is_chat", "field"), [(True, "prediction"), (True, "store"), (True, "functions"),
+                                                 (False, "best_of")])
+def test_fields_vllm_ignores_are_answered_with_a_warning(is_chat: bool, field: str) -> None:
+    body = chat(**{field: {"type": "content", "content": "x"}}) if is_chat else {"model": "m", "prompt": "p",
+                                                                                 field: 3}
+    shaped = shape(body, QWQ, chat=is_chat)
+    assert f"'{field}' is ignored by this deployment (vLLM does not implement it)" in shaped.warnings
+    assert field in shaped.body  # passed on: vLLM accepts it, the warning says it had no effect
+
+
+@pytest.mark.vllm
+def test_ignored_field_lists_match_vllm_and_the_openai_client() -> None:
+    """The documented request fields (the official openai client's) that vLLM's request models do
+    not define, and so drop: a vLLM or client upgrade that changes them fails here."""
+    import typing
+
+    from openai.types import completion_create_params as completion_params
+    from openai.types.chat import completion_create_params as chat_params
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from serving.openai_shaping import IGNORED_BY_VLLM_CHAT, IGNORED_BY_VLLM_COMPLETIONS
+
+    documented_chat = set(typing.get_type_hints(chat_params.CompletionCreateParamsBase))
+    documented_completions = set(typing.get_type_hints(completion_params.CompletionCreateParamsBase))
+    assert sorted(documented_chat - set(ChatCompletionRequest.model_fields)) == sorted(IGNORED_BY_VLLM_CHAT)
+    assert sorted(documented_completions - set(CompletionRequest.model_fields)) == \
+        sorted(IGNORED_BY_VLLM_COMPLETIONS)
