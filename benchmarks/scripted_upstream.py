@@ -13,7 +13,9 @@ proxy forwards like any other field), comma-separated:
   "script": "close-if-reused"    the same, but only on a connection that served a request before
                                  (a keep-alive connection the server closed under its client)
 
-`python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0]`; GET /stats returns counters
+`python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0] [--first-byte-ms 0] [--empty-every 0]`
+paces every stream (a fixed prefill, then a fixed gap between token events; a known truth for
+checking how load generators time streams) and GET /v1/models lists one model. GET /stats returns counters
 (generation requests, disconnects seen, and `seen`: the request line of every request other than
 /health and /stats, as received; `connections`: how many connections carried them) so tests can
 prove what reached the backend, and that the proxy closed an upstream request. POST /v1/embeddings
@@ -47,8 +49,11 @@ def _chunk(index: int, text: str, reasoning: bool, chat: bool, finish: str | Non
 
 
 class Upstream:
-    def __init__(self, delay_ms: float, close_before_response: bool = False) -> None:
+    def __init__(self, delay_ms: float, close_before_response: bool = False, first_byte_ms: float = 0.0,
+                 empty_every: int = 0) -> None:
         self.delay = delay_ms / 1000.0
+        self.first_byte = first_byte_ms / 1000.0
+        self.empty_every = empty_every
         self.close_before_response = close_before_response
         self.requests = 0
         self.disconnects = 0
@@ -82,6 +87,9 @@ class Upstream:
                                   "in_flight": self.in_flight, "seen": self.seen,
                                   "connections": len(self.served_by)})
 
+    async def models(self, _request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "scripted"}]})
+
     async def embeddings(self, request: web.Request) -> web.Response:
         await request.read()
         return web.json_response({"object": "list", "data": [], "path": request.raw_path})
@@ -94,7 +102,7 @@ class Upstream:
         chat = request.path.endswith("/chat/completions")
         body = await request.json()
         script = self.script(body)
-        tokens = int(body.get("max_tokens") or 16)
+        tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         self.requests += 1
         peer = request.transport.get_extra_info("peername") if request.transport else None
         reused = self.served_by.get(peer, 0) > 1
@@ -107,6 +115,8 @@ class Upstream:
         try:
             if "first-byte-delay" in script:
                 await asyncio.sleep(script["first-byte-delay"])
+            elif self.first_byte:
+                await asyncio.sleep(self.first_byte)
             usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
             if not body.get("stream"):
                 message = {"role": "assistant", "content": " tok" * tokens, "reasoning": None}
@@ -125,7 +135,9 @@ class Upstream:
                 if "stall-after" in script and i >= script["stall-after"]:
                     await asyncio.sleep(3600)
                 finish = "length" if i == tokens - 1 else None
-                await response.write(_chunk(i, " tok", i < reasoning, chat, finish))
+                # A token without text: vLLM's detokenizer holds back one ending inside a character.
+                text = "" if self.empty_every and i % self.empty_every == 0 else " tok"
+                await response.write(_chunk(i, text, i < reasoning, chat, finish))
                 if self.delay:
                     await asyncio.sleep(self.delay)
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -144,8 +156,9 @@ class Upstream:
             self.in_flight -= 1
 
 
-def make_app(delay_ms: float = 0.0, close_before_response: bool = False) -> web.Application:
-    upstream = Upstream(delay_ms, close_before_response)
+def make_app(delay_ms: float = 0.0, close_before_response: bool = False, first_byte_ms: float = 0.0,
+             empty_every: int = 0) -> web.Application:
+    upstream = Upstream(delay_ms, close_before_response, first_byte_ms, empty_every)
     app = web.Application(middlewares=[upstream.record])
     app.router.add_get("/health", upstream.health)
     app.router.add_get("/stats", upstream.stats)
@@ -153,6 +166,7 @@ def make_app(delay_ms: float = 0.0, close_before_response: bool = False) -> web.
     app.router.add_post("/v1/chat/completions", upstream.generate)
     app.router.add_post("/v1/completions", upstream.generate)
     app.router.add_post("/v1/embeddings", upstream.embeddings)
+    app.router.add_get("/v1/models", upstream.models)
     return app
 
 
@@ -162,11 +176,16 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause between token events")
+    parser.add_argument("--first-byte-ms", type=float, default=0.0,
+                        help="pause before every response starts (a fixed prefill; a script's first-byte-delay wins)")
+    parser.add_argument("--empty-every", type=int, default=0, metavar="N",
+                        help="every Nth token event, the first included, carries no text (0: none)")
     parser.add_argument("--close-before-response", action="store_true",
                         help="drop every generation request's connection before answering (health still 200)")
     args = parser.parse_args()
     print(f"scripted upstream on http://{args.host}:{args.port} ({time.strftime('%H:%M:%S')})", flush=True)
-    web.run_app(make_app(args.delay_ms, args.close_before_response), host=args.host, port=args.port, print=None, handler_cancellation=True)
+    app = make_app(args.delay_ms, args.close_before_response, args.first_byte_ms, args.empty_every)
+    web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":
