@@ -17,7 +17,8 @@ proxy forwards like any other field), comma-separated:
 paces every stream (a fixed prefill, then a fixed gap between token events; a known truth for
 checking how load generators time streams) and GET /v1/models lists one model. GET /stats returns counters
 (generation requests, disconnects seen, and `seen`: the request line of every request other than
-/health and /stats, as received; `connections`: how many connections carried them) so tests can
+/health and /stats, as received; `connections`: how many connections carried them; `firsts`: each
+generation request's first user message or prompt, for routing tests) so tests can
 prove what reached the backend, and that the proxy closed an upstream request. POST /v1/embeddings
 answers with the path it was sent (forwarding tests).
 """
@@ -48,6 +49,13 @@ def _chunk(index: int, text: str, reasoning: bool, chat: bool, finish: str | Non
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _first_text(body: dict[str, object]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return next((str(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"), "")
+    return str(body.get("prompt") or "")
+
+
 class Upstream:
     def __init__(self, delay_ms: float, close_before_response: bool = False, first_byte_ms: float = 0.0,
                  empty_every: int = 0) -> None:
@@ -61,6 +69,7 @@ class Upstream:
         self.healthy = True
         self.seen: list[str] = []  # "METHOD raw-path" of every request but /health and /stats
         self.served_by: dict[object, int] = {}  # requests per connection (by the client's address)
+        self.firsts: list[str] = []  # each generation request's first user message (or prompt)
 
     @web.middleware
     async def record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -85,7 +94,7 @@ class Upstream:
     async def stats(self, _request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "disconnects": self.disconnects,
                                   "in_flight": self.in_flight, "seen": self.seen,
-                                  "connections": len(self.served_by)})
+                                  "connections": len(self.served_by), "firsts": self.firsts})
 
     async def models(self, _request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "scripted"}]})
@@ -104,6 +113,7 @@ class Upstream:
         script = self.script(body)
         tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         self.requests += 1
+        self.firsts.append(_first_text(body))
         peer = request.transport.get_extra_info("peername") if request.transport else None
         reused = self.served_by.get(peer, 0) > 1
         if self.close_before_response or "close-before-response" in script or (

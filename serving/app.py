@@ -12,8 +12,10 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from serving.affinity import request_key
 from serving.auth import KeyCheck, RateLimiter
 from serving.config import ProxyConfig, Route, build_routes, load_api_keys
+from serving.discovery import discovery_loop, refresh
 from serving.errors import ApiError, error_body
 from serving.exchange import Exchange
 from serving.http_io import (
@@ -34,7 +36,7 @@ from serving.metrics import Metrics, status_class
 from serving.openai_shaping import shape
 from serving.openapi import spec_json
 from serving.resources import ThrottledLog
-from serving.routing import ModelBackends, check_all, health_loop
+from serving.routing import ModelBackends, health_loop
 from serving.upstream import Upstream
 
 CHAT = "/v1/chat/completions"
@@ -58,7 +60,7 @@ class ProxyApp:
         for name, route in self.routes.items():
             key = id(route.entry)
             if key not in by_entry:
-                by_entry[key] = ModelBackends(route.served_name, route.entry.backends, self.metrics)
+                by_entry[key] = ModelBackends(route.served_name, route.entry, self.metrics)
             self.backends[name] = by_entry[key]
         self.models = list(by_entry.values())
         self.forward_paths = frozenset(config.forward_paths)
@@ -68,22 +70,25 @@ class ProxyApp:
         self.draining = False
         self.active = 0
         self.upstream: Upstream | None = None
-        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._models_body = self._models_listing()
         self._openapi = spec_json(config.forward_paths)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.upstream = Upstream()
-        await check_all(self.upstream, self.models)
-        self._health_task = asyncio.create_task(
-            health_loop(self.upstream, self.models, self.config.health_interval_seconds))
+        self.upstream = upstream = Upstream()
+        await asyncio.gather(*(refresh(upstream, model) for model in self.models))  # resolve, then check
+        skipped = ThrottledLog()
+        self._tasks = [
+            asyncio.create_task(health_loop(upstream, self.models, self.config.health_interval_seconds, skipped)),
+            asyncio.create_task(discovery_loop(upstream, self.models, self.config.dns_refresh_seconds)),
+        ]
 
     async def shutdown(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+                await task
         if self.upstream is not None:
             await self.upstream.close()
 
@@ -184,8 +189,11 @@ class ProxyApp:
                 raise ApiError(505, "a streamed answer needs HTTP/1.1 (chunked transfer coding); send the "
                                "request over HTTP/1.1, or without 'stream'")
             assert self.upstream is not None
-            exchange = Exchange(self.metrics, self.upstream, route, self.backends[route.name], target, shaped, raw,
-                                start, self.config.retries.max_attempts, self.exhausted_log, self._closing())
+            backends = self.backends[route.name]
+            key = request_key(data, path == CHAT, incoming.header(backends.session_header)) \
+                if backends.affinity and path in SHAPED else None
+            exchange = Exchange(self.metrics, self.upstream, route, backends, target, shaped, raw, start, key,
+                                self.config.retries.max_attempts, self.exhausted_log, self._closing())
             status = await self._until_client_leaves(exchange, receive, send)
         except ApiError as exc:
             status = exc.status

@@ -40,9 +40,14 @@ class Affinity(Strict):
         default=0.25, gt=0, le=10, description="Bounded load: a backend with more than (1 + epsilon) x the mean "
         "requests in flight is passed over for the next one on the ring.")
     session_header: str = Field(
-        default="x-session-id", pattern=r"^[!#$%&'*+.^_`|~0-9a-z-]+$",
-        description="Request header whose value keys a session to one backend (lower case); the OpenAI "
-        "`user` field does the same when the header is absent.")
+        default="x-session-id", pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+        description="Request header whose value keys a session to one backend; the OpenAI `user` field "
+        "does the same when the header is absent.")
+
+    @field_validator("session_header")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()  # header names arrive lower-cased
 
 
 class ModelEntry(Strict):

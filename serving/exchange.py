@@ -37,8 +37,8 @@ class BackendStalled(Exception):
 
 class Exchange:
     def __init__(self, metrics: Metrics, upstream: Upstream, route: Route, backends: ModelBackends,
-                 target: str, shaped: Shaped | None, body: bytes, start: float, max_attempts: int,
-                 exhausted_log: ThrottledLog, extra_headers: Headers) -> None:
+                 target: str, shaped: Shaped | None, body: bytes, start: float, key: int | None,
+                 max_attempts: int, exhausted_log: ThrottledLog, extra_headers: Headers) -> None:
         self.metrics = metrics
         self.upstream = upstream
         self.route = route
@@ -47,6 +47,7 @@ class Exchange:
         self.shaped = shaped
         self.body = body
         self.start = start
+        self.key = key  # its place on the model's ring (prefix affinity), or None
         self.max_attempts = max_attempts
         self.exhausted_log = exhausted_log
         self.extra_headers = extra_headers
@@ -60,7 +61,7 @@ class Exchange:
         retry_on: Backend | None = None  # a backend whose pooled connection was stale
         try:
             for _ in range(self.max_attempts):
-                backend = retry_on or self.backends.pick(excluded)
+                backend = retry_on or self.backends.pick(excluded, self.key)
                 if backend is None:
                     break
                 fresh, retry_on = retry_on is not None, None

@@ -90,10 +90,11 @@ class Service:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -109,12 +110,13 @@ class Service:
         return self.process.returncode
 
 
-def start_service(argv: list[str], port: int, ready_path: str, log_dir: Path, timeout: float = 60) -> Service:
+def start_service(argv: list[str], port: int, ready_path: str, log_dir: Path, timeout: float = 60,
+                  host: str = "127.0.0.1") -> Service:
     """Start a server process and wait until `ready_path` answers 200 (or fail with its log)."""
-    log_path = log_dir / f"service-{port}.log"
+    log_path = log_dir / f"service-{host}-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    service = Service(process, port, log_path)
+    service = Service(process, port, log_path, host)
     try:
         wait_until(lambda: http_ok(service.base_url + ready_path) or process.poll() is not None, timeout,
                    f"{argv[2]} on port {port}")

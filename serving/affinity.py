@@ -1,0 +1,109 @@
+"""Prefix affinity: which backend a request belongs to, so its prompt prefix is in that vLLM's cache.
+
+A request's key is its session (the `x-session-id` header, or the OpenAI `user` field) or else
+the start of its prompt: for chat, the leading messages up to and including the first user
+message (every turn of a conversation re-sends them); for completions, the leading text. Keys
+are placed on a consistent-hash ring of the backends; a backend carrying more than
+(1 + epsilon) x the mean requests in flight is passed over for the next on the ring (consistent
+hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam 2017), so affinity never melts
+one replica, and a backend that is down hands its keys to the next one until it returns.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+# Enough of a prompt to tell conversations apart, not so much that hashing a 100k-token
+# prompt costs anything.
+PREFIX_BYTES = 16 * 1024
+VIRTUAL_NODES = 64  # ring points per backend: an even share of keys each
+
+
+class Loaded(Protocol):
+    url: str
+    in_flight: int
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: their text
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict)
+                       and isinstance(part.get("text"), str))
+    return ""
+
+
+def request_key(body: dict[str, Any], chat: bool, session: bytes | None) -> int | None:
+    """The request's place on the ring, or None when it has nothing to key on."""
+    if session:
+        return _hash(b"session\0" + session)
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return _hash(b"user\0" + user.encode())
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        parts: list[str] = []
+        size = 0
+        for message in messages:
+            if not isinstance(message, dict):
+                break
+            text = f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
+            parts.append(text)
+            size += len(text)
+            if message.get("role") == "user" or size >= PREFIX_BYTES:
+                break
+        leading = "".join(parts).encode()[:PREFIX_BYTES]
+        return _hash(b"chat\0" + leading) if leading else None
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return _hash(b"text\0" + prompt.encode()[:PREFIX_BYTES])
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):  # token ids
+        return _hash(b"ids\0" + ",".join(map(str, prompt[: PREFIX_BYTES // 8])).encode())
+    return None
+
+
+B = TypeVar("B", bound=Loaded)
+
+
+class Ring(Generic[B]):
+    """Backends on a consistent-hash ring; rebuilt when the set of backends changes."""
+
+    def __init__(self, backends: Sequence[B]) -> None:
+        points = sorted((_hash(f"{b.url}#{i}".encode()), index) for index, b in enumerate(backends)
+                        for i in range(VIRTUAL_NODES))
+        self._positions = [position for position, _ in points]
+        self._owners = [index for _, index in points]
+        self.backends = list(backends)
+
+    def walk(self, key: int) -> Iterator[B]:
+        """Every backend once, in ring order from the key's owner."""
+        if not self.backends:
+            return
+        start = bisect.bisect(self._positions, key)
+        seen: set[int] = set()
+        total = len(self._owners)
+        for step in range(total):
+            index = self._owners[(start + step) % total]
+            if index not in seen:
+                seen.add(index)
+                yield self.backends[index]
+                if len(seen) == len(self.backends):
+                    return
+
+
+def capacity(healthy: Sequence[Loaded], epsilon: float) -> int:
+    """Most requests a backend may carry, the new one included: ceil((1 + eps) x mean)."""
+    total = sum(b.in_flight for b in healthy) + 1
+    return math.ceil((1 + epsilon) * total / len(healthy))
