@@ -65,8 +65,8 @@ def request_key(body: dict[str, Any], chat: bool, session: bytes | None) -> int 
         leading = "".join(parts).encode()[:PREFIX_BYTES]
         return _hash(b"chat\0" + leading) if leading else None
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt:
-        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch: its first prompt
     if isinstance(prompt, str) and prompt:
         return _hash(b"text\0" + prompt.encode()[:PREFIX_BYTES])
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):  # token ids
