@@ -131,7 +131,7 @@ bench-sweep: install ## Request-rate sweep (RATES=1,2,4,...) against the running
 	$(BENCH) --sweep-rates $(RATES) $(BENCH_ARGS)
 
 .PHONY: bench-crosscheck
-bench-crosscheck: install ## Same workload with this tool and `vllm bench serve` against MODEL's vLLM: medians within 10%
+bench-crosscheck: install ## This tool and `vllm bench serve` at once on MODEL's vLLM: their medians side by side (a benchmark)
 	$(PY) -m benchmarks crosscheck --base-url http://127.0.0.1:$(VLLM_PORT) --model $(MODEL)
 
 .PHONY: bench-proxy

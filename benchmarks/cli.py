@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=cmd_compare)
     cal = sub.add_parser("calibrate", help="measure this client's own ceiling against an instant upstream")
     cal.set_defaults(func=cmd_calibrate)
-    cross = sub.add_parser("crosscheck", help="the same workload with this tool and `vllm bench serve`")
+    cross = sub.add_parser("crosscheck", help="this tool and `vllm bench serve` at once on one server: "
+                                              "their medians side by side")
     cross.add_argument("--base-url", default="http://127.0.0.1:8100")
     cross.add_argument("--model", required=True)
     cross.add_argument("--tokenizer")
@@ -297,9 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument("--input-len", type=positive_int, default=1024)
     cross.add_argument("--output-len", type=positive_int, default=64)
     cross.add_argument("--seed", type=int, help="the prompts' seed (default: fresh each run, printed)")
-    cross.add_argument("--tolerance", type=positive_float, default=0.10, help="relative, default 10%%")
-    cross.add_argument("--ttft-slack-ms", type=float, default=0.0,
-                       help="also accept TTFT medians this many ms apart (a tiny model's TTFT is a few engine steps)")
+    cross.add_argument("--output", type=Path, help="also write both tools' medians to this JSON file")
     cross.set_defaults(func=cmd_crosscheck)
     return parser
 

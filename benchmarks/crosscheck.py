@@ -3,7 +3,11 @@ each at the same concurrency with its own half of one workload (same lengths and
 stall of the server (vLLM on 2 CPU cores has them: whole batches delivered late) hits both alike;
 run one after the other, the noise between runs is larger than the tolerance. Our requests are
 kept only while `vllm bench serve` was sending (perf_counter is CLOCK_MONOTONIC, shared by both
-processes). Median TTFT and TPOT must agree within the tolerance.
+processes). It prints both tools' medians side by side and how far apart they are: a benchmark,
+not a verdict (two load generators timing one CPU vLLM on two shared cores differ by more than
+any definition does). Whether both tools define TTFT, TPOT, ITL and E2E latency alike is tested
+deterministically: tests/benchmarks/test_crosscheck.py runs this against the scripted upstream,
+which paces every stream to a known truth.
 
 Side by side the tools also race: vLLM prefills first come, first served, and when requests of
 both finish in the same engine step the client that sends its next request sooner is prefilled
@@ -13,7 +17,7 @@ At one request each (the default) such collisions are rare. Each run draws fresh
 seed is printed; --seed repeats it): a repeat against the same server is served from vLLM's
 prefix cache and measures a shorter prefill than a first run.
 
-    python -m benchmarks crosscheck --base-url http://127.0.0.1:8100 --model tiny-qwen3
+    python -m benchmarks crosscheck --base-url http://127.0.0.1:8100 --model tiny-qwen3 [--output FILE.json]
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from benchmarks import loadgen
 from benchmarks.client import Endpoint
 from benchmarks.records import RequestRecord
 from benchmarks.runner import BenchConfig, BenchError, build_workload, resolve_model, tokenizer_source
-from benchmarks.stats import summarize
+from benchmarks.stats import distribution, summarize
 
 # Explicit and identical on both sides: vllm bench serve would otherwise send temperature 0.
 SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 WARMUPS = 4
+# The medians compared, as named in both tools' results.
+FIGURES = ("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms")
 
 
 async def side_by_side(args: argparse.Namespace, endpoint: Endpoint, our_bodies: list[dict[str, Any]],
@@ -107,23 +113,31 @@ def main(args: argparse.Namespace) -> int:
     if len(inside) < args.num_requests // 2:
         raise BenchError(f"only {len(inside)} of our requests ran while vllm bench serve did; raise --num-requests")
     ours = summarize(inside)
+    # What a tool counting only chunks with visible text would read (the one mismatch this
+    # comparison found: TTFT moved whenever vLLM's detokenizer held back a partial character).
+    visible = distribution([r.first_answer_time for r in inside if r.first_answer_time is not None])["median"]
 
     print(f"side by side: {their['completed']} requests by vllm bench serve and {ours['completed']} by us, "
           f"each at concurrency {args.concurrency}, {args.input_len} in / {args.output_len} out tokens, "
           f"{model} at {base_url}, seed {seed}")
-    print(f"{'':<20}{'median TTFT ms':>16}{'median TPOT ms':>16}{'median ITL ms':>16}{'p99 TTFT ms':>14}")
+    print(f"{'':<20}{'median TTFT ms':>16}{'median TPOT ms':>16}{'median ITL ms':>16}{'median E2EL ms':>16}"
+          f"{'p99 TTFT ms':>14}")
     rows = {"ours": ours, "vllm bench serve": their}
     for tool, fig in rows.items():
-        print(f"{tool:<20}{fig['median_ttft_ms']:>16.2f}{fig['median_tpot_ms']:>16.2f}"
-              f"{fig['median_itl_ms']:>16.2f}{fig['p99_ttft_ms']:>14.2f}")
-    ok = True
-    for key, label, slack_ms in (("median_ttft_ms", "median TTFT", args.ttft_slack_ms),
-                                 ("median_tpot_ms", "median TPOT", 0.0)):
+        print(f"{tool:<20}" + "".join(f"{fig[key]:>16.2f}" for key in FIGURES) + f"{fig['p99_ttft_ms']:>14.2f}")
+    for key in FIGURES:
         a, b = ours[key], their[key]
-        diff = abs(a - b) / b if b else float("inf")
-        holds = diff <= args.tolerance or abs(a - b) <= slack_ms
-        ok &= holds
-        slack = f" or {slack_ms:g} ms" if slack_ms else ""
-        print(f"{label}: ours {a:.2f} ms vs vllm bench serve {b:.2f} ms: {diff:.1%} apart "
-              f"({'within' if holds else 'OUTSIDE'} {args.tolerance:.0%}{slack})")
-    return 0 if ok else 1
+        apart = f"{(a - b) / b:+.1%}" if b else "n/a"
+        print(f"{key.removeprefix('median_').removesuffix('_ms').upper()} median: ours {a:.2f} ms, "
+              f"vllm bench serve {b:.2f} ms ({apart}, {a - b:+.2f} ms)")
+    print(f"ours counting only chunks with visible text: median TTFT {visible:.2f} ms")
+    if args.output is not None:
+        figures = {tool: {key: fig[key] for key in FIGURES} | {"completed": fig["completed"]}
+                   for tool, fig in rows.items()}
+        figures["ours"]["median_ttft_visible_text_ms"] = visible
+        args.output.write_text(json.dumps({
+            "base_url": base_url, "model": model, "seed": seed, "concurrency": args.concurrency,
+            "input_len": args.input_len, "output_len": args.output_len, "tools": figures,
+        }, indent=2) + "\n")
+        print(f"results: {args.output}")
+    return 0

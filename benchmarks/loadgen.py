@@ -10,7 +10,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,19 @@ import aiohttp
 
 from benchmarks.client import Endpoint, send
 from benchmarks.records import RequestRecord
+
+Sender = Callable[[aiohttp.ClientSession, Endpoint, dict[str, Any], RequestRecord], Awaitable[RequestRecord]]
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where the scheduler reads the time and how it waits (a test passes a virtual one)."""
+
+    now: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+REAL_CLOCK = Clock()
 
 
 @dataclass(frozen=True)
@@ -59,26 +72,27 @@ def connector() -> aiohttp.TCPConnector:
 async def run(endpoint: Endpoint, bodies: Sequence[dict[str, Any]], pattern: Pattern,
               duration_s: float | None = None, seed: int = 0,
               on_done: Callable[[RequestRecord], None] | None = None,
-              stop: Callable[[], bool] | None = None) -> list[RequestRecord]:
-    """Send `bodies` in order under `pattern`; stop issuing new ones after `duration_s` or
-    once `stop()` is true.
+              stop: Callable[[], bool] | None = None, clock: Clock = REAL_CLOCK,
+              sender: Sender = send) -> list[RequestRecord]:
+    """Send `bodies` in order under `pattern` (each with `sender`); stop issuing new ones after
+    `duration_s` on `clock` or once `stop()` is true.
 
     Requests in flight at the deadline are awaited and counted: cutting them off would bias
     the latency figures towards short requests.
     """
     records: list[RequestRecord] = []
-    deadline = None if duration_s is None else time.perf_counter() + duration_s
+    deadline = None if duration_s is None else clock.now() + duration_s
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with aiohttp.ClientSession(connector=connector(), timeout=timeout) as session:
 
         async def one(index: int) -> None:
-            record = await send(session, endpoint, bodies[index], RequestRecord(index=index))
+            record = await sender(session, endpoint, bodies[index], RequestRecord(index=index))
             records.append(record)
             if on_done is not None:
                 on_done(record)
 
         def expired() -> bool:
-            return (deadline is not None and time.perf_counter() >= deadline) or (stop is not None and stop())
+            return (deadline is not None and clock.now() >= deadline) or (stop is not None and stop())
 
         if pattern.rate is None:
             queue = iter(range(len(bodies)))
@@ -103,12 +117,12 @@ async def run(endpoint: Endpoint, bodies: Sequence[dict[str, Any]], pattern: Pat
                 await one(index)
 
         tasks = []
-        next_at = time.perf_counter()
+        next_at = clock.now()
         for index, gap in enumerate(gaps):
             next_at += gap
-            delay = next_at - time.perf_counter()
+            delay = next_at - clock.now()
             if delay > 0:
-                await asyncio.sleep(delay)  # the arrival process itself, not synchronisation
+                await clock.sleep(delay)  # the arrival process itself, not synchronisation
             if expired():
                 break
             tasks.append(asyncio.create_task(limited(index)))

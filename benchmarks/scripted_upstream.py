@@ -13,9 +13,11 @@ proxy forwards like any other field), comma-separated:
   "script": "close-if-reused"    the same, but only on a connection that served a request before
                                  (a keep-alive connection the server closed under its client)
 
-`python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0] [--first-byte-ms 0] [--empty-every 0]`
-paces every stream (a fixed prefill, then a fixed gap between token events; a known truth for
-checking how load generators time streams) and GET /v1/models lists one model. GET /stats returns counters
+`python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0] [--first-byte-ms 0] [--empty-every 0]
+[--on-schedule]` paces every stream (a fixed prefill, then a fixed gap between token events; with
+--on-schedule each event is due at its time from the request's arrival, so a late one does not push
+the rest back: a known truth for checking how load generators time streams) and GET /v1/models
+lists one model. GET /stats returns counters
 (generation requests, disconnects seen, and `seen`: the request line of every request other than
 /health and /stats, as received; `connections`: how many connections carried them; `firsts`: each
 generation request's first user message or prompt, for routing tests) so tests can
@@ -58,8 +60,9 @@ def _first_text(body: dict[str, object]) -> str:
 
 class Upstream:
     def __init__(self, delay_ms: float, close_before_response: bool = False, first_byte_ms: float = 0.0,
-                 empty_every: int = 0) -> None:
+                 empty_every: int = 0, on_schedule: bool = False) -> None:
         self.delay = delay_ms / 1000.0
+        self.on_schedule = on_schedule
         self.first_byte = first_byte_ms / 1000.0
         self.empty_every = empty_every
         self.close_before_response = close_before_response
@@ -96,6 +99,14 @@ class Upstream:
                                   "in_flight": self.in_flight, "seen": self.seen,
                                   "connections": len(self.served_by), "firsts": self.firsts})
 
+    async def pause(self, seconds: float, due: float) -> None:
+        """Sleep `seconds`, or with --on-schedule until loop time `due` (the schedule, not the
+        last write, sets when the next event goes out)."""
+        if self.on_schedule:
+            seconds = due - asyncio.get_running_loop().time()
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
     async def models(self, _request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "scripted"}]})
 
@@ -109,6 +120,7 @@ class Upstream:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         chat = request.path.endswith("/chat/completions")
+        arrived = asyncio.get_running_loop().time()
         body = await request.json()
         script = self.script(body)
         tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
@@ -126,7 +138,7 @@ class Upstream:
             if "first-byte-delay" in script:
                 await asyncio.sleep(script["first-byte-delay"])
             elif self.first_byte:
-                await asyncio.sleep(self.first_byte)
+                await self.pause(self.first_byte, arrived + self.first_byte)
             usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
             if not body.get("stream"):
                 message = {"role": "assistant", "content": " tok" * tokens, "reasoning": None}
@@ -149,7 +161,7 @@ class Upstream:
                 text = "" if self.empty_every and i % self.empty_every == 0 else " tok"
                 await response.write(_chunk(i, text, i < reasoning, chat, finish))
                 if self.delay:
-                    await asyncio.sleep(self.delay)
+                    await self.pause(self.delay, arrived + self.first_byte + (i + 1) * self.delay)
             if (body.get("stream_options") or {}).get("include_usage"):
                 final = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0,
                          "model": MODEL, "choices": [], "usage": usage}
@@ -167,8 +179,8 @@ class Upstream:
 
 
 def make_app(delay_ms: float = 0.0, close_before_response: bool = False, first_byte_ms: float = 0.0,
-             empty_every: int = 0) -> web.Application:
-    upstream = Upstream(delay_ms, close_before_response, first_byte_ms, empty_every)
+             empty_every: int = 0, on_schedule: bool = False) -> web.Application:
+    upstream = Upstream(delay_ms, close_before_response, first_byte_ms, empty_every, on_schedule)
     app = web.Application(middlewares=[upstream.record])
     app.router.add_get("/health", upstream.health)
     app.router.add_get("/stats", upstream.stats)
@@ -190,11 +202,14 @@ def main() -> None:
                         help="pause before every response starts (a fixed prefill; a script's first-byte-delay wins)")
     parser.add_argument("--empty-every", type=int, default=0, metavar="N",
                         help="every Nth token event, the first included, carries no text (0: none)")
+    parser.add_argument("--on-schedule", action="store_true",
+                        help="event i is due first-byte + i x delay after the request arrived (late writes do not "
+                             "delay later ones)")
     parser.add_argument("--close-before-response", action="store_true",
                         help="drop every generation request's connection before answering (health still 200)")
     args = parser.parse_args()
     print(f"scripted upstream on http://{args.host}:{args.port} ({time.strftime('%H:%M:%S')})", flush=True)
-    app = make_app(args.delay_ms, args.close_before_response, args.first_byte_ms, args.empty_every)
+    app = make_app(args.delay_ms, args.close_before_response, args.first_byte_ms, args.empty_every, args.on_schedule)
     web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import statistics
@@ -10,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from benchmarks import loadgen
-from benchmarks.client import Endpoint
+from benchmarks.client import Endpoint, send
 from benchmarks.records import RequestRecord
 from benchmarks.stats import summarize
 from tests.conftest import Service, free_port, start_scripted_upstream
@@ -89,25 +91,17 @@ def peak_in_flight(endpoint: Endpoint, bodies: list[dict[str, Any]], pattern: lo
     in_flight = 0
     peak = 0
 
-    async def main() -> list[RequestRecord]:
-        original = loadgen.send
-
-        async def counting(*args: Any) -> RequestRecord:
-            nonlocal in_flight, peak
-            in_flight += 1
-            peak = max(peak, in_flight)
-            try:
-                return await original(*args)
-            finally:
-                in_flight -= 1
-
-        loadgen.send = counting  # type: ignore[assignment]
+    async def counting(session: aiohttp.ClientSession, endpoint: Endpoint, body: dict[str, Any],
+                       record: RequestRecord) -> RequestRecord:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
         try:
-            return await loadgen.run(endpoint, bodies, pattern)
+            return await send(session, endpoint, body, record)
         finally:
-            loadgen.send = original  # type: ignore[assignment]
+            in_flight -= 1
 
-    records = asyncio.run(main())
+    records = run(endpoint, bodies, pattern, sender=counting)
     assert len(records) == len(bodies) and all(r.ok for r in records)
     return peak
 
@@ -124,11 +118,41 @@ def test_max_concurrency_caps_an_open_loop(upstream: Service) -> None:
     assert peak_in_flight(endpoint, bodies, loadgen.Pattern(rate=math.inf)) > 2   # uncapped: all at once
 
 
-def test_duration_bound_stops_issuing(upstream: Service) -> None:
-    records = run(Endpoint(upstream.base_url, "tiny-qwen3"), [body(tokens=4)] * 100_000,
-                  loadgen.Pattern(concurrency=2), duration_s=0.5)
-    assert 0 < len(records) < 100_000
-    assert all(r.ok for r in records)
+class VirtualTime:
+    """A clock that moves only when the scheduler sleeps or a fake request takes its time, so the
+    schedule is checked exactly, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sent_at: list[float] = []
+
+    def clock(self) -> loadgen.Clock:
+        return loadgen.Clock(now=lambda: self.now, sleep=self.sleep)
+
+    async def sleep(self, seconds: float) -> None:
+        until = self.now + seconds
+        await asyncio.sleep(0)   # what is due now runs first (a request created before this sleep)
+        self.now = max(self.now, until)
+
+    def sender(self, takes: float) -> loadgen.Sender:
+        async def fake(_session: aiohttp.ClientSession, _endpoint: Endpoint, _body: dict[str, Any],
+                       record: RequestRecord) -> RequestRecord:
+            self.sent_at.append(self.now)
+            await asyncio.sleep(0)
+            self.now += takes
+            record.ok = True
+            return record
+        return fake
+
+
+def test_duration_bound_stops_issuing_and_awaits_what_is_in_flight() -> None:
+    time = VirtualTime()
+    records = run(Endpoint("http://unused", "tiny-qwen3"), [body()] * 1000, loadgen.Pattern(concurrency=1),
+                  duration_s=0.5, clock=time.clock(), sender=time.sender(takes=0.1))
+    # 0.1 s per request, one at a time: issued at 0, 0.1, ... 0.4; the one issued at 0.4 ends at
+    # the deadline and is counted; none is issued at or after it.
+    assert time.sent_at == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert len(records) == 5 and all(r.ok for r in records)
 
 
 def test_arrival_gaps_have_the_asked_mean_and_burstiness() -> None:
@@ -142,12 +166,16 @@ def test_arrival_gaps_have_the_asked_mean_and_burstiness() -> None:
     assert loadgen.arrival_gaps(math.inf, 1.0, 3, rng) == [0.0, 0.0, 0.0]
 
 
-def test_open_loop_sends_at_the_rate(upstream: Service) -> None:
-    records = run(Endpoint(upstream.base_url, "tiny-qwen3"), [body(tokens=2)] * 40,
-                  loadgen.Pattern(rate=40.0), seed=1)
-    starts = sorted(r.start for r in records)
-    expected = sum(loadgen.arrival_gaps(40.0, 1.0, 40, random.Random(1))[1:])
-    assert starts[-1] - starts[0] == pytest.approx(expected, rel=0.25, abs=0.1)
+@pytest.mark.parametrize("pattern", [loadgen.Pattern(rate=40.0), loadgen.Pattern(rate=40.0, burstiness=0.3),
+                                     loadgen.Pattern(concurrency=100, rate=40.0)])
+def test_open_loop_sends_on_the_arrival_schedule(pattern: loadgen.Pattern) -> None:
+    """Each request goes out at its arrival time from the start, not a gap after the previous
+    send (requests taking their time do not push the schedule back)."""
+    time = VirtualTime()
+    run(Endpoint("http://unused", "tiny-qwen3"), [body()] * 40, pattern, seed=1, clock=time.clock(),
+        sender=time.sender(takes=0.0))
+    gaps = loadgen.arrival_gaps(pattern.rate or 0.0, pattern.burstiness, 40, random.Random(1))
+    assert time.sent_at == pytest.approx(list(itertools.accumulate(gaps)))
 
 
 def test_pattern_labels() -> None:
