@@ -117,6 +117,6 @@ def test_knee_is_where_throughput_stops_growing_and_latency_does() -> None:
         return {"label": label, "output_throughput": tput, "median_ttft_ms": ttft}
     runs = [point("rate=1", 100, 50), point("rate=2", 200, 55), point("rate=4", 390, 70),
             point("rate=8", 400, 900), point("rate=16", 405, 3000)]
-    knee = find_knee(runs)  # type: ignore[arg-type]
+    knee = find_knee(runs)
     assert knee is not None and knee["label"] == "rate=4"
-    assert find_knee(runs[:3]) is None  # type: ignore[arg-type]
+    assert find_knee(runs[:3]) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -43,7 +43,7 @@ def test_completions_prompts_have_exact_token_counts(tokenizer: Any) -> None:
 
 
 @pytest.mark.parametrize("dist", ["uniform", "normal"])
-def test_length_distributions(tokenizer: Any, dist: str) -> None:
+def test_length_distributions(tokenizer: Any, dist: Literal["uniform", "normal"]) -> None:
     counter = TokenCounter(tokenizer, "chat")
     specs = list(workloads.synthetic(counter, 40, random.Random(3), Lengths(200, dist, 0.25), Lengths(50, dist, 0.2)))
     inputs = [chat_tokens(tokenizer, s) for s in specs]

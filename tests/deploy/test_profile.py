@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from deploy.profile import known_profiles, load_profile
 SHIPPED = ["qwen3-4b-instruct-fp8", "qwen3-4b-thinking-fp8", "qwq-32b", "qwq-32b-short", "tiny-qwen3"]
 
 
-def write_profile(tmp_path: Path, name: str, changes: dict) -> Path:
+def write_profile(tmp_path: Path, name: str, changes: dict[str, Any]) -> Path:
     data = yaml.safe_load((MODELS_DIR / "qwq-32b.yaml").read_text())
     data["name"] = name
     data.update(changes)
@@ -149,8 +150,8 @@ def test_a_default_max_tokens_equal_to_the_context_is_accepted() -> None:
     # pydantic's union branch tags ('Alias', 'str') are not in the key path the user reads.
     ("aliases=[{name: Bad}]", "aliases[0].name: String should match pattern"),
     ("env={VLLM_CPU_KVCACHE_SPACE: [1]}", "env.VLLM_CPU_KVCACHE_SPACE: Input should be a valid string"),
-    ("sampling.defaults.top_k=x", "sampling.defaults.top_k: Input should be a valid integer, unable to parse "
-                                  "string as an integer (got 'x')"),
+    ("sampling.defaults.top_k=x",
+     "sampling.defaults.top_k: Input should be a valid integer, unable to parse string as an integer (got 'x')"),
 ])
 def test_errors_name_the_key_path_as_written(override: str, reason: str) -> None:
     with pytest.raises(ProfileError) as err:

@@ -98,7 +98,7 @@ def engine_pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, int, dict[str
 
 
 def container(pod_template: dict[str, Any], name: str) -> dict[str, Any]:
-    found = [c for c in pod_template["spec"]["containers"] if c["name"] == name]
+    found: list[dict[str, Any]] = [c for c in pod_template["spec"]["containers"] if c["name"] == name]
     assert found, f"no container {name} in {[c['name'] for c in pod_template['spec']['containers']]}"
     return found[0]
 
@@ -133,7 +133,7 @@ def _core_registry() -> Registry:
     path = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
     major_minor = ".".join(KUBERNETES_VERSION.split(".")[:2])
     definitions = json.loads((path / f"v{major_minor}.0-local-strict" / "_definitions.json").read_text())
-    return Resource.from_contents(definitions) @ Registry()  # type: ignore[no-any-return, operator]
+    return Resource.from_contents(definitions) @ Registry()
 
 
 @functools.cache

@@ -153,7 +153,7 @@ def test_proxy_drains_before_it_is_killed(example: tuple[Path, list[dict[str, An
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     assert set(selector) <= {"matchLabels"}, "the chart's selectors use matchLabels only"
-    return selector.get("matchLabels", {}).items() <= labels.items()
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
 
 
 def test_network_policy_admits_only_proxy_prometheus_and_ray_peers(

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from deploy.chart import CHART_DIR
 from tests.k8s.chart import (
-    CHART_DIR,
     EXAMPLES,
     KUBERNETES_VERSION,
     is_custom,

@@ -19,6 +19,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import RunningServer, Service, free_port, start_service, wait_until
 from tests.observability.conftest import RULES, load_script, query_panels
@@ -80,16 +81,17 @@ def prometheus(prometheus_bin: Path, vllm_server: RunningServer, proxy_server: S
         service.stop()
 
 
-def chat(client: openai.OpenAI, i: int, stream: bool, **extra: Any) -> int:
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Request {i}: say something"}]
+def chat(client: openai.OpenAI, i: int, stream: bool, temperature: float | openai.Omit = openai.omit) -> int:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Request {i}: say something"}]
     if not stream:
-        response = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
-                                                  max_tokens=16 + i % 8, **extra)
+        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16 + i % 8,
+                                                  temperature=temperature)
         assert response.usage is not None
         return response.usage.completion_tokens
     chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=16 + i % 8, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True} if i % 2 else None, **extra))  # type: ignore[arg-type]
+        model=MODEL, messages=messages, max_tokens=16 + i % 8, stream=True, temperature=temperature,
+        stream_options={"include_usage": True} if i % 2 else openai.omit))
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
     return len(chunks)
 
@@ -99,7 +101,7 @@ def send_errors(client: openai.OpenAI) -> int:
                 {"model": MODEL, "max_tokens": 100_000},  # refused by vLLM (400, passed through)
                 {"model": "no-such-model"}):  # unknown model (404)
         with pytest.raises((openai.BadRequestError, openai.NotFoundError)):
-            client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **bad)  # type: ignore[call-overload]
+            client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **bad)
     return 3
 
 
