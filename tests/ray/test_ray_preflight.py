@@ -137,7 +137,7 @@ class TestTwoNodesOneGpuEach:
 # ---- the verdict itself, on hand-made node facts ------------------------------------------------
 
 def node(ip: str, gpus: int, version: str | None = "0.32.0", visible: bool | None = None) -> NodeFacts:
-    return NodeFacts(node_id=ip, ip=ip, gpus=gpus, vllm_version=version, model_visible=visible)
+    return NodeFacts(ip=ip, gpus=gpus, vllm_version=version, model_visible=visible)
 
 
 def test_version_mismatch_is_reported_per_node() -> None:
