@@ -64,8 +64,10 @@ def test_token_counts_agree_with_the_server(proxied_run: Any) -> None:
     assert servers["vllm"]["generation_tokens"] == 32 * 32
     assert servers["proxy"]["completion_tokens"] == 32 * 32
     assert servers["vllm"]["preemptions"] == 0
-    # Gauges sampled while the load ran (the tiny model's KV use rounds to ~0 on 1 GiB).
-    assert servers["vllm"]["peak_requests_running"] >= 1
+    # Gauges sampled while the load ran: what a sample catches depends on timing, what it can hold
+    # does not (never more running than the 4 sent at once; the tiny model's KV use rounds to ~0).
+    assert 0 <= servers["vllm"]["peak_requests_running"] <= 4
+    assert 0 <= servers["proxy"]["peak_proxy_in_flight"] <= 4
     assert 0 <= servers["vllm"]["peak_kv_cache_usage"] <= 1
 
 

@@ -56,7 +56,7 @@ def test_bad_values_name_the_key(tmp_path: Path, data: object, expected: str) ->
 
 
 def hub_config(tmp_path: Path, first: bool | None = None, second: bool | None = None) -> Path:
-    models = [{"profile": "qwq-32b", "backends": ["http://127.0.0.1:1"]},
+    models: list[dict[str, object]] = [{"profile": "qwq-32b", "backends": ["http://127.0.0.1:1"]},
               {"profile": "qwq-32b-short", "backends": ["http://127.0.0.1:2"]}]
     for model, said in zip(models, (first, second), strict=True):
         if said is not None:

@@ -44,7 +44,7 @@ GENERATED = ("vllm:generation_tokens_total", "")
 FINISHED = ("vllm:request_success_total", "")  # vLLM 0.32 counts no aborted request here
 
 
-def stream_events(service: Service, body: dict[str, object], actions: dict[int, Callable[[], None]]) -> list[str]:
+def stream_events(service: Service, body: dict[str, object], actions: dict[int, Callable[[], object]]) -> list[str]:
     """Read a stream's SSE events, running actions[n] right after the n-th event arrives."""
     events: list[str] = []
     with httpx.stream("POST", f"{service.base_url}/v1/chat/completions", json=body, timeout=30) as response:

@@ -3,6 +3,7 @@ descriptors is a 503 that says so, counted and logged, and no healthy backend is
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -26,6 +27,10 @@ LIMIT = 64
 
 def open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def more_open_files(pid: int, than: int) -> bool:
+    return open_files(pid) > than
 
 
 def limited_proxy(backend: Service, tmp_path: Path, soft: int, hard: int) -> Service:
@@ -63,7 +68,7 @@ def test_out_of_descriptors_is_the_proxys_503_and_the_backend_stays_up(
         while open_files(pid) < LIMIT:  # idle connections, one descriptor each, up to the limit
             count = open_files(pid)
             fillers.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=10))
-            wait_until(lambda count=count: open_files(pid) > count, 10, "the proxy to accept a connection")
+            wait_until(functools.partial(more_open_files, pid, count), 10, "the proxy to accept a connection")
         assert open_files(pid) == LIMIT
 
         asking.send(request("POST", "/v1/chat/completions", chat(2)))

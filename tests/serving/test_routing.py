@@ -27,7 +27,9 @@ def stats(backend: Service) -> dict[str, object]:
 
 
 def firsts(backend: Service) -> list[str]:
-    return list(stats(backend)["firsts"])  # type: ignore[call-overload]
+    seen = stats(backend)["firsts"]
+    assert isinstance(seen, list)
+    return [str(first) for first in seen]
 
 
 def metric(service: Service, sample: str) -> float:

@@ -7,6 +7,7 @@ import re
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionStreamOptionsParam
 
 from tests.conftest import RunningServer, Service
 
@@ -47,16 +48,13 @@ def test_completions(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_streaming_usage_only_when_asked(client: openai.OpenAI, include_usage: bool) -> None:
-    options = {"include_usage": True} if include_usage else None
+    options: ChatCompletionStreamOptionsParam | None = {"include_usage": True} if include_usage else None
     chunks = list(client.chat.completions.create(
         model="tiny-qwen3", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
-        stream_options=options,  # type: ignore[arg-type]
+        stream_options=options,
     ))
-    usage_chunks = [c for c in chunks if c.usage is not None]
-    if include_usage:
-        assert len(usage_chunks) == 1 and usage_chunks[0].usage.completion_tokens == 6  # type: ignore[union-attr]
-    else:
-        assert usage_chunks == []
+    usages = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+    assert usages == ([6] if include_usage else [])
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
 
