@@ -4,8 +4,8 @@ reach), side by side.
 
     python -m benchmarks.proxy_overhead [--concurrency 1 16 64 256] [--seconds 6] [--rounds 2]
 
-Starts a scripted SSE upstream (fast: the proxies' own cost dominates), the tiny model on vLLM's
-CPU build (realistic pacing, sharing the cores), and the proxy and the bare relay in front of each;
+Starts a scripted SSE upstream (cheap, paced like vLLM on a GPU: --gap-ms between events, so the
+proxies' own cost dominates), the tiny model on vLLM's CPU build (sharing the cores), and the proxy and the bare relay in front of each;
 then for every concurrency alternates direct, proxied and bare-relay rounds (the machine is
 noisy: rotating the order keeps the ratios fair), each client keeping its connections as real
 clients do, and prints added TTFT (p50, p99), tokens/s through each relay as a fraction of direct
@@ -167,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell and mode")
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/proxy rounds per cell")
     parser.add_argument("--upstreams", nargs="+", choices=["scripted", "vllm"], default=["scripted", "vllm"])
+    parser.add_argument("--gap-ms", type=float, default=20.0,
+                        help="the scripted upstream's pause between token events (vLLM's pace on a GPU: "
+                             "each read then carries one event, as from vLLM); 0 streams as fast as it can")
     args = parser.parse_args(argv)
-    if any(c < 1 for c in args.concurrency) or args.seconds <= 0 or args.rounds < 1:
-        parser.error("concurrency >= 1, seconds > 0 and rounds >= 1")
+    if any(c < 1 for c in args.concurrency) or args.seconds <= 0 or args.rounds < 1 or args.gap_ms < 0:
+        parser.error("concurrency >= 1, seconds > 0, rounds >= 1 and gap-ms >= 0")
 
     python = sys.executable
     print(HEADER, flush=True)
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 port, proxy_port, bare_port = free_port(), free_port(), free_port()
                 upstream = f"http://127.0.0.1:{port}"
                 if kind == "scripted":
-                    stack.start([python, "-m", "benchmarks.scripted_upstream", "--port", str(port)],
+                    stack.start([python, "-m", "benchmarks.scripted_upstream", "--port", str(port),
+                                 "--delay-ms", str(args.gap_ms)],
                                 f"{upstream}/health")
                 else:
                     stack.start([python, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port)],
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.stop()
     print(f"\nmachine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}; "
-          f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode; "
+          f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode, scripted "
+          f"upstream {args.gap_ms:g} ms between events; "
           "d/p/b = direct / proxy / bare relay")
     return 0
 

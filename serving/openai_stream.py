@@ -85,7 +85,11 @@ class StreamRelay:
         self._completions = completions
 
     def feed(self, data: bytes) -> bytes:
-        """Bytes to send now for the bytes just read (events are never split or merged further)."""
+        """Bytes to send now for the bytes just read (events are never split or merged further).
+
+        A read usually carries one event, under load several: they are handled as one buffer (a
+        few substring scans and counts, no splitting), up to the end of the stream, whose events
+        are taken one by one (the usage event may be dropped)."""
         if self._pending:
             data = self._pending + data
         end = data.rfind(EVENT_END)
@@ -94,11 +98,36 @@ class StreamRelay:
             return b""
         self._pending = data[end + 2:]
         complete = data[: end + 2]
+        ending = [at for at in (complete.find(USAGE_MARK), complete.find(DONE)) if at != -1]
+        if not ending:
+            return self._buffer(complete)
+        # The end of the stream is in this read: the events before it as one buffer, then one by one.
+        before = complete.rfind(EVENT_END, 0, min(ending))
+        if before == -1:
+            return self._events(complete)
+        return self._buffer(complete[:before + 2]) + self._events(complete[before + 2:])
+
+    def _buffer(self, complete: bytes) -> bytes:
+        """Whole events none of which ends the stream: copied, touched only where they must change."""
+        # Every `"reasoning":"`, `"content":"`, ... is a key: a JSON string escapes its quotes.
+        reasoning = complete.count(REASONING_MARK)
+        if reasoning:
+            complete = add_reasoning_content(complete)
+        if self._completions:
+            answers = complete.count(TEXT_MARK) - complete.count(EMPTY_TEXT)
+        else:
+            answers = (complete.count(CONTENT_MARK) - complete.count(EMPTY_CONTENT)
+                       + complete.count(TOOL_CALLS_MARK))
+        if reasoning or answers:
+            self._tokens(reasoning + answers, answers > 0)
+        if self._rewrite is not None:
+            complete = complete.replace(*self._rewrite)
+        return complete
+
+    def _events(self, complete: bytes) -> bytes:
+        """Event by event: the usage event is read (and dropped unless asked for), [DONE] noted."""
         events = complete.split(EVENT_END)
         events.pop()  # the empty tail after the last separator
-        if len(events) == 1:
-            out = self._event(events[0])
-            return out + EVENT_END if out is not None else b""
         kept = [e for e in map(self._event, events) if e is not None]
         return b"".join(e + EVENT_END for e in kept)
 
@@ -112,10 +141,10 @@ class StreamRelay:
             if self.drop_usage:
                 return None
         elif REASONING_MARK in event:
-            self._token(answer=False)
+            self._tokens(1, answer=False)
             event = add_reasoning_content(event)
         elif self._is_answer(event):
-            self._token(answer=True)
+            self._tokens(1, answer=True)
         if self._rewrite is not None:
             event = event.replace(*self._rewrite)
         return event
@@ -125,12 +154,16 @@ class StreamRelay:
             return TEXT_MARK in event and EMPTY_TEXT not in event
         return (CONTENT_MARK in event and EMPTY_CONTENT not in event) or TOOL_CALLS_MARK in event
 
-    def _token(self, answer: bool) -> None:
+    def _tokens(self, count: int, answer: bool) -> None:
+        """`count` token events read at once: the first after the gap since the last, the rest
+        arrived with it (a gap of 0)."""
         now = time.perf_counter()
         if self._last_token is None:
             self._ttft.observe(now - self.start)
         else:
             self._itl.observe(now - self._last_token)
+        for _ in range(count - 1):
+            self._itl.observe(0.0)
         self._last_token = now
         if answer and not self._first_answer:
             self._first_answer = True

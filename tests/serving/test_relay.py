@@ -84,3 +84,41 @@ def test_non_streamed_response() -> None:
     assert rewrite_json_response(b"not json", "m", "alias", Usage()) == b"not json"
     untouched = json.dumps({"model": "m", "choices": [{"message": {"content": "x", "reasoning": None}}]}).encode()
     assert rewrite_json_response(untouched, "m", "m", Usage()) is untouched
+
+
+REASONING = b'data: {"choices":[{"index":0,"delta":{"reasoning":"hm"},"finish_reason":null}],"model":"m"}\n\n'
+TOOL = b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}],"model":"m"}\n\n'
+PING = b": keep-alive\n\n"
+WITH_CONTENT = REASONING.replace(b'{"reasoning":"hm"}', b'{"reasoning":"hm","reasoning_content":"hm"}')
+TOKENS = {ROLE: 0, CONTENT: 1, REASONING: 1, TOOL: 1, PING: 0}
+
+
+def counts(metrics: Metrics) -> tuple[float | None, ...]:
+    names = ("time_to_first_token", "inter_token_latency", "time_to_first_answer_token")
+    return tuple(metrics.registry.get_sample_value(f"qwen_proxy_{name}_seconds_count", {"model": "m"})
+                 for name in names)
+
+
+@given(st.lists(st.sampled_from(list(TOKENS)), min_size=1, max_size=12), st.integers(1, 400))
+def test_any_reads_of_any_events_give_the_same_bytes_and_token_counts(events: list[bytes], size: int) -> None:
+    """However the stream is cut into reads (one event per read, several, or partial ones), what
+    reaches the client and what is counted are the same."""
+    r, metrics = relay(drop_usage=True, rewrite=(b'"model":"m"', b'"model":"alias"'))
+    stream = b"".join(events) + USAGE + DONE
+    out = b"".join(r.feed(stream[i:i + size]) for i in range(0, len(stream), size))
+    expected = b"".join(events).replace(REASONING, WITH_CONTENT).replace(b'"model":"m"', b'"model":"alias"') + DONE
+    assert out == expected and r.saw_done and r.usage.completion == 2
+    tokens = sum(TOKENS[e] for e in events)
+    answered = any(e in (CONTENT, TOOL) for e in events)
+    assert counts(metrics) == (float(tokens > 0), float(max(tokens - 1, 0)), float(answered))
+
+
+def test_several_events_in_one_read_are_timed_one_by_one() -> None:
+    r, metrics = relay()
+    assert r.feed(ROLE + REASONING + REASONING + CONTENT) == ROLE + WITH_CONTENT + WITH_CONTENT + CONTENT
+    assert counts(metrics) == (1.0, 2.0, 1.0)
+    completions = StreamRelay(metrics, "c", 0.0, drop_usage=True, rewrite=None, completions=True)
+    text = b'data: {"choices":[{"index":0,"text":"a"}]}\n\n'
+    completions.feed(text + text.replace(b'"a"', b'""') + text)
+    itl = metrics.registry.get_sample_value("qwen_proxy_inter_token_latency_seconds_count", {"model": "c"})
+    assert itl == 1.0  # two text tokens; the empty one is not a token
