@@ -37,8 +37,8 @@ def flag(args: list[str], name: str) -> int:
 
 @pytest.fixture(scope="module")
 def all_gpu_profiles() -> list[dict[str, Any]]:
-    """Every shipped GPU profile enabled at once, on 8-GPU nodes."""
-    return render(sets=[f"models.{name}.enabled=true" for name in SHIPPED_GPU_PROFILES])
+    """Every shipped GPU profile enabled at once, on 8-GPU nodes (qwq-32b answers to the hub id both QwQ share)."""
+    return render(sets=[*(f"models.{name}.enabled=true" for name in SHIPPED_GPU_PROFILES), "models.qwq-32b.hubIdName=true"])
 
 
 @pytest.mark.parametrize("profile", SHIPPED_GPU_PROFILES)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
-from tests.k8s.chart import render, render_error
+from serving.config import ProxyConfig
+from tests.k8s.chart import render, render_error, run_helm, template_args
 
 
 def values_file(tmp_path: Path, data: dict[str, object]) -> Path:
@@ -80,3 +83,40 @@ def test_override_block_under_the_wrong_model_is_refused(tmp_path: Path) -> None
     values = values_file(tmp_path, {"models": {"qwq-32b-short": block}})
     error = render_error([values])
     assert 'models.qwq-32b-short.profileOverride is the block of profile "qwq-32b"' in error
+
+
+@pytest.mark.parametrize(("path", "accepted"), [
+    ("/v1/embeddings", True), ("/v1/audio/transcriptions", True), ("/v1/a.b/c_d-e", True), ("/v1//x", True),
+    ("/v1/", True), ("/v1", False), ("/v2/x", False), ("v1/x", False), ("/v1/x?y=1", False), ("/v1/x#y", False),
+    ("/v1/%2e%2e/x", False), ("/v1/a b", False), ("/v1/a\\b", False), ("/v1/../admin", False),
+    ("/v1/.well-known", False), ("/v1/x/.", False),
+])
+def test_forward_paths_are_refused_as_the_proxy_refuses_them(tmp_path: Path, path: str, accepted: bool) -> None:
+    """The schema's pattern for proxy.forwardPaths accepts exactly the paths serving/config.py accepts."""
+    try:
+        ProxyConfig.model_validate({"models": [{"profile": "qwq-32b", "backends": ["http://h:8000"]}],
+                                    "forward_paths": [path]})
+        proxy_accepts = True
+    except ValidationError:
+        proxy_accepts = False
+    assert proxy_accepts == accepted
+    values = values_file(tmp_path, {"models": {"qwq-32b": {"enabled": True}},
+                                    "proxy": {"forwardPaths": ["/v1/embeddings", path]}})
+    result = run_helm(*template_args([values], []))
+    if accepted:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0 and "/proxy/forwardPaths/1" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["proxy.retries.maxAttempts=0"], "/proxy/retries/maxAttempts"),
+    (["proxy.retries.maxAttempts=11"], "/proxy/retries/maxAttempts"),
+    (["proxy.retries.attempts=2"], "additional properties 'attempts' not allowed"),
+    (["proxy.forwardPaths=/v1/embeddings"], "/proxy/forwardPaths"),
+    (["models.qwq-32b.hubIdName=yes"], "/models/qwq-32b/hubIdName"),
+])
+def test_bad_proxy_values_are_refused_by_the_schema(sets: list[str], message: str) -> None:
+    error = render_error(sets=["models.qwq-32b.enabled=true", *sets])
+    assert "values don't meet the specifications of the schema" in error
+    assert message in error

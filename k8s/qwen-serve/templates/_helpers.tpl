@@ -148,11 +148,53 @@ Every refusal is here, with the model, the numbers and what to do.
 {{- fail (printf "models.%s: engine.autoscaling.minReplicas (%d) is above maxReplicas (%d)." $name (int $scaling.minReplicas) (int $scaling.maxReplicas)) }}
 {{- end }}
 {{- end }}
-{{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout) }}
+{{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout "hubIdName" $model.hubIdName) }}
 {{- end }}
 {{- end }}
 {{- if not $out }}
 {{- fail (printf "no model is enabled: set models.<profile>.enabled=true for one of: %s" $known) }}
+{{- end }}
+{{- /*
+The proxy's hub-id rule (serving/config.py _hub_id_owners), checked here so that `helm install`
+fails instead of a crash-looping proxy: of the enabled models sharing a hub id (a model that is
+not a local path), those with hubIdName true answer to it, else those with it unset; more than
+one is refused.
+*/}}
+{{- $claims := dict }}
+{{- range $name, $m := $out }}
+{{- $model := $m.block.model }}
+{{- if not (or (hasPrefix "/" $model) (hasPrefix "." $model) ($m.block.profile | default dict).generator) }}
+{{- $_ := set $claims $model (append (get $claims $model | default list) $name) }}
+{{- end }}
+{{- end }}
+{{- range $hub, $names := $claims }}
+{{- $said := list }}
+{{- $open := list }}
+{{- range $names }}
+{{- $v := (index $out .).hubIdName }}
+{{- if kindIs "bool" $v }}
+{{- if $v }}
+{{- $said = append $said . }}
+{{- end }}
+{{- else }}
+{{- $open = append $open . }}
+{{- end }}
+{{- end }}
+{{- $chosen := $said | default $open }}
+{{- if gt (len $chosen) 1 }}
+{{- $models := list }}
+{{- $keys := list }}
+{{- range $chosen }}
+{{- $models = append $models (printf "models.%s" .) }}
+{{- $keys = append $keys (printf "models.%s.hubIdName=true" .) }}
+{{- end }}
+{{- $two := eq (len $chosen) 2 }}
+{{- $why := ternary "neither sets hubIdName" "none of them sets hubIdName" $two }}
+{{- if $said }}
+{{- $why = ternary "both set hubIdName: true" "each sets hubIdName: true" $two }}
+{{- end }}
+{{- fail (printf "%s serve the same hub id %s and %s, so %q would name either and the proxy would refuse to start: set %s, whichever answers to it (false on the %s)." (join " and " $models) $hub $why $hub (join " or " $keys) (ternary "other" "others" $two)) }}
+{{- end }}
 {{- end }}
 {{- toYaml (dict "models" $out) }}
 {{- end }}
