@@ -52,6 +52,26 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# SGLang's own parser and ModelConfig, for validating SGLang profiles (deploy/sglang_probe.py).
+# Its version is named once, in the requirements file; SGLang itself goes in with --no-deps.
+SGLANG_REQUIREMENTS := deploy/sglang-requirements.txt
+SGLANG_PIN = $(shell grep -E '^sglang==' $(SGLANG_REQUIREMENTS))
+SGLANG_VENV ?= .cache/sglang-venv
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+
+.PHONY: sglang-venv
+sglang-venv: $(SGLANG_STAMP) ## Create .cache/sglang-venv: the pinned SGLang (--no-deps) + what its arg parser and ModelConfig import
+
+$(SGLANG_STAMP): $(SGLANG_REQUIREMENTS)
+	@test -n "$(SGLANG_PIN)" || { echo "error: $(SGLANG_REQUIREMENTS): no 'sglang==<version>' line"; exit 2; }
+	@echo ">> installing $(SGLANG_PIN) (--no-deps) and $(SGLANG_REQUIREMENTS) into $(SGLANG_VENV)"
+	test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
+	@# The rest first, then SGLang without its dependencies (pip then has nothing to complain about).
+	$(SGLANG_VENV)/bin/python -m pip install -q -r <(grep -vE '^sglang==' $(SGLANG_REQUIREMENTS))
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps "$(SGLANG_PIN)"
+	touch $@
+
 .PHONY: tiny-model
 tiny-model: $(TINY_MODEL) ## Generate the tiny CPU Qwen3 model into .cache/models (no download)
 
