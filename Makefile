@@ -24,6 +24,7 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_PACKAGE)-$(VLLM_VERSION)
 TINY_MODEL := .cache/models/tiny-qwen3/config.json
+TINY_LORA := .cache/models/tiny-lora/adapter_config.json
 PORT_ARG := $(if $(PORT),--port $(PORT))
 
 ##@ General
@@ -80,6 +81,14 @@ $(TINY_MODEL): deploy/tiny_model.py | $(STAMP)
 	$(PY) -m deploy tiny-model
 	touch $@
 
+.PHONY: tiny-lora
+tiny-lora: $(TINY_LORA) ## Generate the tiny model's LoRA adapter (peft, no download) into .cache/models
+
+# Made again when its generator or the tiny model's changes (both stamped, as above).
+$(TINY_LORA): deploy/tiny_lora.py deploy/tiny_model.py | $(STAMP)
+	$(PY) -m deploy tiny-lora
+	touch $@
+
 .PHONY: clean
 clean: ## Remove generated models, results and caches (keeps .venv)
 	rm -rf .cache/models results .pytest_cache
@@ -107,7 +116,7 @@ render: install ## Print the exact vLLM argv for MODEL
 	$(PY) -m deploy render $(MODEL) $(PORT_ARG)
 
 .PHONY: check
-check: install tiny-model ## Validate every profile with the pinned vLLM's own code
+check: install tiny-model tiny-lora ## Validate every profile with the pinned vLLM's own code
 	$(PY) -m deploy check --all
 
 .PHONY: plan
@@ -167,7 +176,7 @@ bench-routing: install tiny-model ## Routing across replicas: one vLLM vs two be
 ##@ Test
 
 .PHONY: test
-test: install tiny-model helm prometheus ## Run every test: unit, vLLM validation, end-to-end (what CI runs)
+test: install tiny-model tiny-lora helm prometheus ## Run every test: unit, vLLM validation, end-to-end (what CI runs)
 	@echo ">> running all tests"
 	$(PY) -m pytest $(PYTEST_ARGS)
 

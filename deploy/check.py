@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from deploy.adapters import ADAPTER_CONFIG
 from deploy.errors import CheckError
+from deploy.paths import REPO_ROOT
 from deploy.profile import Profile
 from deploy.render import engine_args
 
@@ -38,6 +40,13 @@ class Effective:
     tool_call_parser: str | None
     enable_auto_tool_choice: bool
     access_log_excluded: list[str]  # paths vLLM's uvicorn access log filter drops
+    # LoRA as vLLM's LoRAConfig holds it (None: --enable-lora not given).
+    lora_max_rank: int | None = None
+    lora_max_loras: int | None = None
+    lora_max_cpu_loras: int | None = None
+    lora_dtype: str | None = None
+    # One per --lora-modules entry: name, path, base, and rank (None: a hub adapter vLLM checks when it fetches it).
+    lora_adapters: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +99,63 @@ def _config_theta(config_dir: Path) -> float | None:
     return float(theta) if theta is not None else None
 
 
+def _shown(path: str) -> str:
+    resolved = Path(path)
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else path
+
+
+def _check_lora(profile: Profile, namespace: argparse.Namespace, engine: Any, model_config: Any) -> dict[str, Any]:
+    """vLLM's LoRAConfig (as EngineArgs builds it), its model check, and each local adapter's
+    adapter_config.json through vLLM's own PEFTHelper (rank, unsupported features)."""
+    if not engine.enable_lora:
+        return {}
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.model_executor.models import supports_lora
+
+    try:
+        lora_config = LoRAConfig(
+            max_lora_rank=engine.max_lora_rank,
+            max_loras=engine.max_loras,
+            fully_sharded_loras=engine.fully_sharded_loras,
+            lora_dtype=engine.lora_dtype,
+            target_modules=engine.lora_target_modules,
+            max_cpu_loras=engine.max_cpu_loras if engine.max_cpu_loras and engine.max_cpu_loras > 0 else None,
+        )
+        lora_config.verify_with_model_config(model_config)
+    except Exception as exc:  # noqa: BLE001 - pydantic and value errors from vLLM's config
+        raise CheckError(f"{profile.name}: lora: vLLM refused the LoRA config: {_first_reason(exc)}") from None
+    model_cls, _ = model_config.registry.resolve_model_cls(model_config.architectures, model_config)
+    if not supports_lora(model_cls):
+        raise CheckError(f"{profile.name}: lora: vLLM serves no LoRA on this model: "
+                         f"{model_cls.__name__} does not support LoRA yet.")
+    adapters = []
+    by_name = {a.name: (i, a) for i, a in enumerate(profile.lora.adapters if profile.lora else [])}
+    for module in namespace.lora_modules or []:
+        index, adapter = by_name[module.name]
+        key = f"lora.adapters[{index}].source ({module.name})"
+        rank = None
+        if adapter.path is not None:
+            if not (adapter.path / ADAPTER_CONFIG).is_file():
+                hint = "run `make tiny-lora`" if adapter.generator else "put the adapter there"
+                raise CheckError(f"{profile.name}: {key}: no {ADAPTER_CONFIG} at {adapter.path}: {hint}")
+            try:
+                helper = PEFTHelper.from_local_dir(module.path, model_config.max_model_len)
+                helper.validate_legal(lora_config)
+            except (TypeError, ValueError) as exc:
+                raise CheckError(f"{profile.name}: {key}: vLLM refused the adapter: {_first_reason(exc)}") from None
+            rank = max([helper.r, *helper.rank_pattern.values()])
+        adapters.append({"name": module.name, "path": _shown(module.path), "base": module.base_model_name,
+                         "rank": rank})
+    return {
+        "lora_max_rank": lora_config.max_lora_rank,
+        "lora_max_loras": lora_config.max_loras,
+        "lora_max_cpu_loras": lora_config.max_cpu_loras,
+        "lora_dtype": str(lora_config.lora_dtype).removeprefix("torch."),
+        "lora_adapters": adapters,
+    }
+
+
 def check_profile(profile: Profile) -> Effective:
     """Parse the rendered args with vLLM and build its model config; raise CheckError on refusal."""
     config_dir = profile.config_dir
@@ -113,6 +179,8 @@ def check_profile(profile: Profile) -> Effective:
         model_config = engine.create_model_config()
     except Exception as exc:  # noqa: BLE001 - vLLM raises pydantic, value, type and OS errors here
         raise CheckError(f"{profile.name}: vLLM refused the model config: {_first_reason(exc)}") from None
+
+    lora = _check_lora(profile, namespace, engine, model_config)
 
     from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 
@@ -146,4 +214,5 @@ def check_profile(profile: Profile) -> Effective:
         tool_call_parser=namespace.tool_call_parser or None,
         enable_auto_tool_choice=bool(namespace.enable_auto_tool_choice),
         access_log_excluded=[str(path) for path in excluded],
+        **lora,
     )

@@ -66,6 +66,15 @@ def _describe_effective(values: dict[str, object]) -> str:
         ("auto tool choice", values["enable_auto_tool_choice"]),
         ("access log skips", ",".join(map(str, skipped)) if isinstance(skipped, list) and skipped else "nothing"),
     ]
+    if values.get("lora_max_rank") is not None:
+        limits = (f"max rank {values['lora_max_rank']}, {values['lora_max_loras']} on the GPU at once, "
+                  f"{values['lora_max_cpu_loras']} in CPU memory, dtype {values['lora_dtype']}")
+        rows.append(("lora", limits))
+        adapters = values.get("lora_adapters")
+        for adapter in adapters if isinstance(adapters, list) else []:
+            rank = (f"rank {adapter['rank']}" if adapter["rank"] is not None
+                    else "a hub id: vLLM checks it when it downloads it")
+            rows.append(("adapter", f"{adapter['name']}: {adapter['path']} ({rank}), on {adapter['base']}"))
     return "\n".join(f"  {name:<18} {value}" for name, value in rows)
 
 
@@ -122,6 +131,14 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_lora(args: argparse.Namespace) -> int:
+    from deploy.tiny_lora import generate
+
+    out = generate(args.out, base=args.base, force=args.force)
+    print(out)
+    return 0
+
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     for name in known_profiles():
         profile = load_profile(name)
@@ -174,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=GENERATED_MODELS_DIR / "tiny-qwen3")
     p.add_argument("--force", action="store_true", help="regenerate even if present")
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("tiny-lora", help="generate the tiny model's LoRA adapter with peft (no download)")
+    p.add_argument("--out", type=Path, default=GENERATED_MODELS_DIR / "tiny-lora")
+    p.add_argument("--base", type=Path, default=GENERATED_MODELS_DIR / "tiny-qwen3",
+                   help="the tiny model it is made for (generated first when missing)")
+    p.add_argument("--force", action="store_true", help="regenerate even if present")
+    p.set_defaults(func=cmd_tiny_lora)
 
     ray_cli.register(sub)
     chart.register(sub)

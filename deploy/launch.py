@@ -30,15 +30,31 @@ class Launch:
 
 def ensure_model(profile: Profile) -> None:
     path = profile.model_path
-    if path is None or (path / "config.json").is_file():
-        return
-    if profile.generator == "tiny-qwen3":
+    if path is not None and not (path / "config.json").is_file():
+        if profile.generator != "tiny-qwen3":
+            raise LaunchError(f"{profile.name}: model: no model at {path} (a local path: put the model there)")
         from deploy.tiny_model import generate
 
         print(f"generating the tiny model into {path} (no download, ~5 s)", file=sys.stderr)
         generate(path)
-        return
-    raise LaunchError(f"{profile.name}: model: no model at {path} (a local path: put the model there)")
+    ensure_adapters(profile)
+
+
+def ensure_adapters(profile: Profile) -> None:
+    """Local adapters must be there (the tiny one is generated, or made again when stale)."""
+    for i, adapter in enumerate(profile.lora.adapters if profile.lora else []):
+        path = adapter.path
+        if adapter.generator == "tiny-lora" and path is not None and profile.model_path is not None:
+            from deploy import tiny_lora
+
+            if not tiny_lora.is_current(path):
+                print(f"generating the tiny LoRA adapter into {path} (peft, no download, ~10 s)", file=sys.stderr)
+                tiny_lora.generate(path, base=profile.model_path)
+        elif path is not None and not (path / "adapter_config.json").is_file():
+            raise LaunchError(
+                f"{profile.name}: lora.adapters[{i}].source: no adapter at {path} (no adapter_config.json): "
+                "put the adapter there (peft's save_pretrained output) or name a hub id"
+            )
 
 
 def check_gpus(profile: Profile) -> None:
@@ -114,8 +130,11 @@ def ready_message(profile: Profile, port: int) -> str:
         f'{{"model": "{profile.served_model_name}", '
         '"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}'
     )
+    adapters = profile.adapter_names
+    names = f"model name: {profile.served_model_name}" + (
+        f"; LoRA adapters: {', '.join(adapters)} (send one as the model name)" if adapters else "")
     return (
-        f"\n{profile.name} is ready at {url}/v1 (model name: {profile.served_model_name})\n"
+        f"\n{profile.name} is ready at {url}/v1 ({names})\n"
         f"try:\n  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{body}'\n"
         "Ctrl-C stops it.\n"

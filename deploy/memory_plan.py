@@ -86,6 +86,22 @@ class ModelShape:
         mlp = 3 * self.hidden * self.intermediate
         return self.layers * (attention + mlp)
 
+    def lora_elements_per_slot(self, rank: int, tensor: int = 1, pipeline: int = 1) -> int:
+        """Elements of one LoRA slot on one GPU, as vLLM allocates them (LoRA on, no target filter).
+
+        vLLM wraps every linear layer (q/k/v packed, o, gate/up packed, down), the embeddings and
+        the LM head, each with A (rank x input) and B (output x rank) sized for --max-lora-rank
+        whatever the adapters target. Column-parallel layers split B's output across tensor
+        ranks, row-parallel ones A's input; embeddings and LM head are counted whole on every GPU.
+        """
+        q = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        column = 3 * self.hidden + (q + 2 * kv) // tensor + 2 * self.hidden + 2 * self.intermediate // tensor
+        row = q // tensor + self.hidden + self.intermediate // tensor + self.hidden
+        layers = -(-self.layers // pipeline)
+        embeddings = 2 * (self.vocab + self.hidden)  # embed_tokens and lm_head
+        return rank * (layers * (column + row) + embeddings)
+
     def other_params(self) -> int:
         """Embeddings, LM head, norms and biases: kept in the model dtype by FP8 checkpoints."""
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
@@ -112,6 +128,13 @@ class MemoryPlan:
     kv_space_per_gpu: int
     max_model_len: int
     overhead_gib: float
+    lora_rank: int = 0  # --max-lora-rank; 0: LoRA off
+    lora_slots: int = 0  # --max-loras
+    lora_bytes_per_slot_per_gpu: int = 0
+
+    @property
+    def lora_bytes_per_gpu(self) -> int:
+        return self.lora_slots * self.lora_bytes_per_slot_per_gpu
 
     @property
     def kv_tokens(self) -> int:
@@ -154,13 +177,18 @@ def plan_memory(
     kv_per_token_per_gpu = 2 * layers_per_gpu * kv_heads_per_gpu * shape.head_dim * kv_elem
     usable = int(gpu.memory_gib * GIB * profile.gpu_memory_utilization)
     weight_per_gpu = weight_bytes // (tensor * pipeline)
-    kv_space = usable - weight_per_gpu - int(overhead_gib * GIB)
+    lora_rank = profile.lora.max_rank if profile.lora else 0
+    lora_slots = profile.lora.max_loras if profile.lora else 0
+    # vLLM's lora_dtype "auto" is the model's dtype.
+    lora_slot = shape.lora_elements_per_slot(lora_rank, tensor, pipeline) * dtype_bytes if profile.lora else 0
+    kv_space = usable - weight_per_gpu - int(overhead_gib * GIB) - lora_slots * lora_slot
     return MemoryPlan(
         profile=profile.name, gpu=gpu, gpus=tensor * pipeline, tensor=tensor, pipeline=pipeline,
         params=shape.linear_params() + shape.other_params(), weight_bytes=weight_bytes,
         kv_bytes_per_token=kv_per_token, kv_bytes_per_token_per_gpu=kv_per_token_per_gpu,
         weight_bytes_per_gpu=weight_per_gpu, usable_bytes_per_gpu=usable, kv_space_per_gpu=kv_space,
         max_model_len=profile.max_model_len, overhead_gib=overhead_gib,
+        lora_rank=lora_rank, lora_slots=lora_slots, lora_bytes_per_slot_per_gpu=lora_slot,
     )
 
 
@@ -179,6 +207,9 @@ def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
     def gib(value: int) -> str:
         return f"{value / GIB:,.1f} GiB"
 
+    def mib(value: int) -> str:
+        return f"{value / 1024**2:,.1f} MiB"
+
     lines = [
         f"profile            {p.profile}",
         f"gpus               {p.gpus} x {p.gpu.name} ({p.gpu.memory_gib} GiB), tensor {p.tensor} x pipeline {p.pipeline}",
@@ -187,7 +218,16 @@ def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
         (f"kv cache / token   {p.kv_bytes_per_token / 1024:,.0f} KiB total, "
          f"{p.kv_bytes_per_token_per_gpu / 1024:,.0f} KiB per GPU"),
         f"usable per GPU     {gib(p.usable_bytes_per_gpu)} ({p.gpu.memory_gib} GiB x gpu_memory_utilization)",
-        (f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights - {p.overhead_gib} GiB "
+    ]
+    lora = ""
+    if p.lora_slots:
+        lines.append(
+            f"lora adapters      {mib(p.lora_bytes_per_gpu)} per GPU: {p.lora_slots} slot(s) (max_loras) x "
+            f"{mib(p.lora_bytes_per_slot_per_gpu)} (rank {p.lora_rank}, every linear layer + embeddings)"
+        )
+        lora = " - lora adapters"
+    lines += [
+        (f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights{lora} - {p.overhead_gib} GiB "
          "activations/graphs estimate)"),
         f"kv capacity        {p.kv_tokens:,} tokens = {p.full_sequences:.2f} sequences of {p.max_model_len:,}",
     ]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from deploy.adapters import MaxLoraRank, verify_adapters
 from deploy.errors import ProfileError
 from deploy.paths import CONFIGS_DIR, MODELS_DIR, REPO_ROOT
 from deploy.typed_config import Strict, describe_errors
@@ -20,6 +21,8 @@ from deploy.typed_config import Strict, describe_errors
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 # What the proxy's health checks, Kubernetes probes and Prometheus poll on every vLLM server.
 POLLED_PATHS = ("/health", "/metrics")
+# vLLM flags the `lora:` key renders: not accepted in engine_args, so one place says them.
+LORA_FLAGS = ("enable-lora", "lora-modules", "max-lora-rank", "max-loras", "max-cpu-loras")
 
 
 class RopeScaling(Strict):
@@ -100,6 +103,64 @@ class Alias(Strict):
     sampling: Sampling | None = Field(default=None, description="A preset for this alias (replaces the profile's).")
 
 
+class Adapter(Strict):
+    """A LoRA adapter served on the profile's model under its own model name."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="The model name clients send for this adapter.")
+    source: str = Field(
+        min_length=1,
+        description="Hugging Face hub id or a local directory (relative to the repo) holding "
+        "adapter_config.json and the adapter weights, like the profile's model.",
+    )
+    sampling: Sampling | None = Field(
+        default=None, description="A preset for this adapter (replaces the profile's); absent: the profile's."
+    )
+    generator: Literal["tiny-lora"] | None = Field(
+        default=None, description="The adapter is generated locally by `python -m deploy tiny-lora`."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _hub_id_or_path(cls, value: str) -> str:
+        if not value.startswith((".", "/")) and value.count("/") > 1:
+            raise ValueError(f"{value!r} is neither a hub id (org/name) nor a local directory: "
+                             f"write a directory inside the repository as ./{value}")
+        return value
+
+    @property
+    def path(self) -> Path | None:
+        """The local adapter directory, or None for a hub id."""
+        if self.generator or self.source.startswith((".", "/")):
+            return (REPO_ROOT / self.source).resolve()
+        return None
+
+
+class Lora(Strict):
+    """LoRA adapters on the profile's model: vLLM's --enable-lora and its limits."""
+
+    max_rank: MaxLoraRank = Field(
+        default=16, description="--max-lora-rank: the largest adapter rank served; vLLM sizes every slot for it."
+    )
+    max_loras: int = Field(default=1, ge=1, description="--max-loras: adapters on the GPU at once (slots).")
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="--max-cpu-loras: adapters cached in CPU memory (vLLM: max_loras)."
+    )
+    adapters: list[Adapter] = Field(min_length=1, description="The adapters, each served under its name.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Lora:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras {self.max_cpu_loras} is below max_loras {self.max_loras} (vLLM refuses it: "
+                "adapters on the GPU are also held in CPU memory); raise max_cpu_loras or leave it out"
+            )
+        names = [adapter.name for adapter in self.adapters]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"adapters repeat the name(s) {', '.join(repeated)}: each adapter needs its own name")
+        return self
+
+
 class Profile(Strict):
     """One deployable model: the single source of truth for engine args and serving defaults."""
 
@@ -145,6 +206,7 @@ class Profile(Strict):
         "false/null -> omitted.",
     )
     sampling: Sampling = Field(default_factory=Sampling)
+    lora: Lora | None = Field(default=None, description="LoRA adapters served on this model (none: LoRA off).")
 
     @field_validator("engine_args")
     @classmethod
@@ -152,6 +214,9 @@ class Profile(Strict):
         for key in value:
             if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", key):
                 raise ValueError(f"engine_args key {key!r} must be a vLLM flag name like 'max-logprobs'")
+            if key in LORA_FLAGS:
+                raise ValueError(f"engine_args key {key!r}: declare LoRA under the profile's `lora:` key "
+                                 "(max_rank, max_loras, max_cpu_loras, adapters), which renders it")
         return value
 
     @field_validator("access_log_exclude")
@@ -176,6 +241,17 @@ class Profile(Strict):
         names = [self.served_model_name, *self.alias_names]
         if len(set(names)) != len(names):
             raise ValueError(f"served_model_name and aliases repeat a name: {names}")
+        for i, adapter in enumerate(self.lora.adapters if self.lora else []):
+            if adapter.generator == "tiny-lora" and self.generator != "tiny-qwen3":
+                raise ValueError(
+                    f"lora.adapters[{i}].generator: tiny-lora is made for the tiny model; it needs "
+                    "generator: tiny-qwen3 (the tiny model) as the profile's model"
+                )
+            if adapter.name in names:
+                raise ValueError(
+                    f"lora.adapters[{i}].name {adapter.name!r} is already the profile's served_model_name or "
+                    "an alias: clients could not tell the adapter from the base model; rename the adapter"
+                )
         self._defaults_fit_context()
         return self
 
@@ -186,6 +262,8 @@ class Profile(Strict):
         presets = [("sampling.defaults.max_tokens", self.sampling)]
         presets += [(f"aliases[{i}].sampling.defaults.max_tokens ({alias.name})", alias.sampling)
                     for i, alias in enumerate(self.aliases) if isinstance(alias, Alias) and alias.sampling]
+        presets += [(f"lora.adapters[{i}].sampling.defaults.max_tokens ({adapter.name})", adapter.sampling)
+                    for i, adapter in enumerate(self.lora.adapters if self.lora else []) if adapter.sampling]
         for key, sampling in presets:
             default = sampling.defaults.max_tokens
             if default is not None and default > self.max_model_len:
@@ -201,11 +279,19 @@ class Profile(Strict):
     def alias_names(self) -> list[str]:
         return [a if isinstance(a, str) else a.name for a in self.aliases]
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters' model names (empty without lora)."""
+        return [adapter.name for adapter in self.lora.adapters] if self.lora else []
+
     def sampling_for(self, name: str) -> Sampling:
-        """The sampling preset for a served name or alias."""
+        """The sampling preset for a served name, alias or adapter name."""
         for alias in self.aliases:
             if isinstance(alias, Alias) and alias.name == name and alias.sampling is not None:
                 return alias.sampling
+        for adapter in self.lora.adapters if self.lora else []:
+            if adapter.name == name and adapter.sampling is not None:
+                return adapter.sampling
         return self.sampling
 
     @property
@@ -285,4 +371,5 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
     profile = parse_profile(data, source)
     if profile.name != path.stem:
         raise ProfileError(f"{shown}: name: {profile.name!r} must equal the file name {path.stem!r}")
+    verify_adapters(profile, source)
     return profile

@@ -40,6 +40,26 @@ def hf_overrides(profile: Profile) -> dict[str, Any] | None:
     }
 
 
+def lora_args(profile: Profile) -> list[str]:
+    """--enable-lora, its limits, and one --lora-modules entry per adapter.
+
+    The JSON form of --lora-modules (vLLM 0.32's `name=path` form breaks on a path holding a
+    comma) names the base model, which /v1/models reports as each adapter's parent.
+    """
+    lora = profile.lora
+    if lora is None:
+        return []
+    args = ["--enable-lora", "--max-lora-rank", str(lora.max_rank), "--max-loras", str(lora.max_loras)]
+    if lora.max_cpu_loras is not None:
+        args += ["--max-cpu-loras", str(lora.max_cpu_loras)]
+    modules = [
+        json.dumps({"name": a.name, "path": str(a.path) if a.path else a.source,
+                    "base_model_name": profile.served_model_name}, separators=(",", ":"))
+        for a in lora.adapters
+    ]
+    return [*args, "--lora-modules", *modules]
+
+
 def engine_args(profile: Profile, model: str | None = None) -> list[str]:
     """The vLLM server arguments (without the program), in a fixed order."""
     p = profile
@@ -77,6 +97,8 @@ def engine_args(profile: Profile, model: str | None = None) -> list[str]:
         args += ["--tool-call-parser", p.tool_call_parser]
     if p.enable_auto_tool_choice:
         args.append("--enable-auto-tool-choice")
+    if p.lora is not None:
+        args += lora_args(p)
     if p.access_log_exclude:
         args += ["--disable-access-log-for-endpoints", ",".join(p.access_log_exclude)]
     for name, value in p.engine_args.items():

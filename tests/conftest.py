@@ -1,5 +1,6 @@
 """Shared fixtures: ONE real vLLM server (tiny model, CPU) per test session, started through
-the launcher exactly as a user would (`python -m deploy serve tiny-qwen3`)."""
+the launcher exactly as a user would (`python -m deploy serve tiny-qwen3`), and one more for the
+LoRA profile (`tiny-qwen3-lora`) when a test asks for it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,17 +58,23 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def tiny_lora_dir(tiny_model_dir: Path) -> Path:
+    from deploy.tiny_lora import generate
+
+    return generate(GENERATED_MODELS_DIR / "tiny-lora", base=tiny_model_dir)
+
+
+@contextmanager
+def launched_vllm(profile: str, args: list[str], log_dir: Path) -> Iterator[RunningServer]:
+    """`python -m deploy serve <profile>` on a free port, until /health answers; SIGINT after."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    log_path = log_dir / "vllm.log"
     with log_path.open("wb") as log:
-        # Request logging lets tests prove what sampling parameters reached vLLM.
         process = subprocess.Popen(
-            [sys.executable, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port),
-             "--set", "engine_args={enable-log-requests: true}"],
+            [sys.executable, "-m", "deploy", "serve", profile, "--port", str(port), *args],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
         )
-    server = RunningServer(load_profile("tiny-qwen3"), port, process, log_path)
+    server = RunningServer(load_profile(profile), port, process, log_path)
     try:
         wait_until(
             lambda: http_ok(f"{server.base_url}/health") or process.poll() is not None,
@@ -83,6 +91,21 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    # Request logging lets tests prove what sampling parameters reached vLLM.
+    with launched_vllm("tiny-qwen3", ["--set", "engine_args={enable-log-requests: true}"],
+                       tmp_path_factory.mktemp("vllm")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def lora_vllm_server(tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """vLLM serving tiny-qwen3-lora: the tiny model as tiny-qwen3 (alias tiny) and its adapter as tiny-lora."""
+    with launched_vllm("tiny-qwen3-lora", [], tmp_path_factory.mktemp("vllm-lora")) as server:
+        yield server
 
 
 @dataclass

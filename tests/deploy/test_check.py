@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_unknown_reasoning_parser() -> None:
         check_profile(load_profile("qwq-32b", ["reasoning_parser=qwq"]))
 
 
-def test_cli_check_all() -> None:
+def test_cli_check_all(tiny_lora_dir: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "deploy", "check", "--all", "--json"], cwd=REPO_ROOT,
         capture_output=True, text=True, check=False,
@@ -66,6 +67,7 @@ def test_cli_check_all() -> None:
     assert result.returncode == 0, result.stderr
     by_name = {item["profile"]: item for item in json.loads(result.stdout)}
     assert by_name["qwq-32b"]["rope_type"] == "yarn" and by_name["tiny-qwen3"]["max_model_len"] == 2048
+    assert by_name["tiny-qwen3-lora"]["lora_adapters"][0]["name"] == "tiny-lora"
 
 
 def test_cli_check_failure_is_one_line() -> None:
