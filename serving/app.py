@@ -268,8 +268,11 @@ class ProxyApp:
 
     def _models_listing(self) -> bytes:
         created = int(time.time())
+        # As vLLM lists them: an adapter's root is its source and its parent the base model's name.
         data = [{"id": name, "object": "model", "created": created, "owned_by": "qwen-serve",
-                 "root": route.profile.model, "max_model_len": route.profile.max_model_len}
+                 "root": route.adapter.source if route.adapter else route.profile.model,
+                 "parent": route.profile.served_model_name if route.adapter else None,
+                 "max_model_len": route.profile.max_model_len}
                 for name, route in sorted(self.routes.items())]
         return json.dumps({"object": "list", "data": data}).encode()
 

@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from deploy.profile import Profile, Sampling, load_profile
+from deploy.profile import Adapter, Profile, Sampling, load_profile
 from deploy.typed_config import Strict, describe_errors
 
 MAX_WORKERS = 64
@@ -133,10 +133,11 @@ class Route:
     """One client-visible model name: the profile behind it and the preset it uses."""
 
     name: str
-    served_name: str
+    served_name: str  # the name vLLM knows: the profile's served name, or a LoRA adapter's own
     profile: Profile
     sampling: Sampling
     entry: ModelEntry
+    adapter: Adapter | None = None  # a LoRA adapter on the profile's model, served by its backends
 
 
 def load_config(path: Path) -> ProxyConfig:
@@ -184,6 +185,14 @@ def build_routes(config: ProxyConfig) -> dict[str, Route]:
                 raise ConfigError(f"models[{index}]: model name {name!r} is already served by "
                                   f"profile {routes[name].profile.name!r}")
             routes[name] = Route(name, profile.served_model_name, profile, profile.sampling_for(name), entry)
+        for adapter in profile.lora.adapters if profile.lora else []:
+            if adapter.name in routes:
+                raise ConfigError(f"models[{index}]: LoRA adapter {adapter.name!r} (profile {profile.name!r}, "
+                                  f"lora.adapters) is already a model name of profile "
+                                  f"{routes[adapter.name].profile.name!r}: rename the adapter")
+            # vLLM serves an adapter under its own name: the request keeps it, the base's backends answer.
+            routes[adapter.name] = Route(adapter.name, adapter.name, profile, profile.sampling_for(adapter.name),
+                                         entry, adapter)
     for hub_id, index in _hub_id_owners(config, profiles).items():
         profile = profiles[index]
         if hub_id not in routes:  # a served name or alias spelled like the hub id is already there

@@ -45,8 +45,8 @@ STOP: Schema = {
     ],
 }
 SAMPLING: dict[str, Schema] = {
-    "model": {"type": "string", "description": "A served name, an alias, or a profile's hub id "
-                                               "(GET /v1/models lists them)."},
+    "model": {"type": "string", "description": "A served name, an alias, a LoRA adapter's name, or a "
+                                               "profile's hub id (GET /v1/models lists them)."},
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "max_tokens": {"type": "integer", "minimum": 1, "description": "Default and cap from the model's profile."},
@@ -153,6 +153,7 @@ MODEL_LIST: Schema = {
         "type": "object", "required": ["id", "object", "created", "owned_by"],
         "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
                        "owned_by": {"type": "string"}, "root": {"type": "string"},
+                       "parent": {**NULLABLE_STRING, "description": "For a LoRA adapter, the model it runs on."},
                        "max_model_len": {"type": "integer"}}}}},
 }
 SSE: Schema = {  # one server-sent event
