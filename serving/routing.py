@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,9 @@ from serving.upstream import Upstream
 # The targets of the shaped routes: their URLs are built once per backend.
 CACHED_TARGETS = frozenset({"/v1/chat/completions", "/v1/completions"})
 REASONS = ("affinity", "overflow", "failover", "least_in_flight")
+# Overflowed keys remembered per model (least recently used forgotten first): bounded memory
+# whatever the clients send.
+MOVED_KEYS = 65_536
 
 
 @dataclass(eq=False)
@@ -61,6 +65,8 @@ class ModelBackends:
         self.backends: list[Backend] = []
         self.resolved: dict[str, list[str]] = {}  # each configured URL -> its backends' URLs (DNS)
         self._ring: Ring[Backend] = Ring([])
+        # Keys that overflowed, and the backend they went to: their prefix is cached there now.
+        self._moved: OrderedDict[int, Backend] = OrderedDict()
         self._turn = 0
         self._decisions = {reason: metrics.routing.labels(model, reason) for reason in REASONS}
 
@@ -86,6 +92,15 @@ class ModelBackends:
     def _by_key(self, key: int, healthy: list[Backend]) -> tuple[Backend, str]:
         limit = capacity(healthy, self.epsilon)
         usable = set(healthy)
+        moved = self._moved.get(key)
+        if moved is not None:
+            # A conversation that overflowed stays where it went while that backend has room: going
+            # back would re-prefill its whole history, the cost affinity is there to avoid; the
+            # move is what rebalances a lumpy ring.
+            if moved in usable and moved.in_flight + 1 <= limit:
+                self._moved.move_to_end(key)
+                return moved, "affinity"
+            del self._moved[key]
         reason = "affinity"
         for backend in self._ring.walk(key):
             if backend not in usable:
@@ -94,6 +109,10 @@ class ModelBackends:
             if backend.in_flight + 1 > limit:
                 reason = "overflow" if reason == "affinity" else reason
                 continue
+            if reason == "overflow":
+                self._moved[key] = backend
+                if len(self._moved) > MOVED_KEYS:
+                    self._moved.popitem(last=False)
             return backend, reason
         # Unreachable while capacity >= the mean; kept so a rounding edge can never refuse a request.
         return self._least_in_flight(healthy), reason

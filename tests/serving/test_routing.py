@@ -134,6 +134,12 @@ def test_a_backend_over_the_load_bound_overflows_to_the_next(
     asyncio.run(two_held_then_one())
     assert firsts(backends[1 - home]) == ["conversation 3: first question"]
     assert decisions(service, "overflow") == 1
+    # Its history is cached where it went: the next turn follows it there, though home has room again.
+    wait_until(lambda: stats(backends[home])["in_flight"] == 0, 30, "the held requests to end")
+    affinity = decisions(service, "affinity")
+    turn(service, 3, 3)
+    assert firsts(backends[1 - home]) == ["conversation 3: first question"] * 2
+    assert decisions(service, "affinity") == affinity + 1 and decisions(service, "overflow") == 1
 
 
 def test_least_in_flight_ties_go_round_robin(pair: Callable[..., tuple[Service, list[Service]]]) -> None:
