@@ -148,7 +148,33 @@ Every refusal is here, with the model, the numbers and what to do.
 {{- fail (printf "models.%s: engine.autoscaling.minReplicas (%d) is above maxReplicas (%d)." $name (int $scaling.minReplicas) (int $scaling.maxReplicas)) }}
 {{- end }}
 {{- end }}
-{{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout "hubIdName" $model.hubIdName) }}
+{{- /*
+LoRA adapters (the profile's lora.adapters): `path` is where the pod reads one from the model
+cache volume (a local adapter: <mountPath>/adapters/<name>, or models.<name>.adapterPaths), empty
+for a hub id, which the adapters init container downloads into HF_HOME like the model.
+*/}}
+{{- $declared := list }}
+{{- range (($block.profile | default dict).lora | default dict).adapters }}
+{{- $declared = append $declared .name }}
+{{- end }}
+{{- $paths := $model.adapterPaths | default dict }}
+{{- range $adapter, $ignored := $paths }}
+{{- if not (has $adapter $declared) }}
+{{- fail (printf "models.%s.adapterPaths.%s: profile %s has no LoRA adapter %q (%s)." $name $adapter $name $adapter (ternary "it declares no lora: adapters" (printf "its adapters: %s" (join ", " $declared)) (empty $declared))) }}
+{{- end }}
+{{- end }}
+{{- $mount := trimSuffix "/" $.Values.modelCache.mountPath }}
+{{- $adapters := list }}
+{{- range (($block.profile | default dict).lora | default dict).adapters }}
+{{- $path := "" }}
+{{- if hasKey $paths .name }}
+{{- $path = printf "%s/%s" $mount (index $paths .name) }}
+{{- else if or (hasPrefix "/" .source) (hasPrefix "." .source) .generator }}
+{{- $path = printf "%s/adapters/%s" $mount .name }}
+{{- end }}
+{{- $adapters = append $adapters (dict "name" .name "source" .source "path" $path) }}
+{{- end }}
+{{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout "hubIdName" $model.hubIdName "adapters" $adapters) }}
 {{- end }}
 {{- end }}
 {{- if not $out }}
@@ -227,10 +253,37 @@ one is refused.
 {{- toYaml (dict "requests" $requests "limits" $limits) }}
 {{- end }}
 
-{{/* The init container filling the Hugging Face cache once. `dict "root" $ "m" <resolved model>` */}}
+{{/* What the init containers share: the cache, HF_HOME, the hub token. `dict "root" $ "m" <resolved model>` */}}
+{{- define "qwen-serve.engine.cacheAccess" -}}
+env:
+  - name: HF_HOME
+    value: {{ .root.Values.modelCache.mountPath | quote }}
+  {{- if .root.Values.huggingface.tokenSecretName }}
+  - name: HF_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ .root.Values.huggingface.tokenSecretName }}
+        key: {{ .root.Values.huggingface.tokenSecretKey }}
+  {{- end }}
+volumeMounts:
+  - name: model-cache
+    mountPath: {{ .root.Values.modelCache.mountPath }}
+securityContext: {{- toYaml .m.engine.securityContext | nindent 2 }}
+{{- with .root.Values.modelCache.download.resources }}
+resources: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The init containers filling the Hugging Face cache once: `download` fetches the model (hub ids
+only); `adapters` fetches hub LoRA adapters into the same cache (vLLM resolves their hub ids
+there, as it does the model's) and checks that adapters read from the cache volume are there,
+so a missing one fails the pod before vLLM loads the weights. `dict "root" $ "m" <resolved model> "name" <profile name>`
+*/}}
 {{- define "qwen-serve.engine.download" -}}
 {{- $model := .m.block.model }}
-{{- if and .root.Values.modelCache.download.enabled (not (hasPrefix "/" $model)) (not (hasPrefix "." $model)) }}
+{{- $download := .root.Values.modelCache.download.enabled }}
+{{- if and $download (not (hasPrefix "/" $model)) (not (hasPrefix "." $model)) }}
 - name: download
   image: {{ include "qwen-serve.image" (dict "image" .root.Values.images.engine "root" .root) }}
   imagePullPolicy: {{ .root.Values.images.engine.pullPolicy }}
@@ -238,24 +291,74 @@ one is refused.
   {{- with .root.Values.modelCache.download.extraArgs }}
   args: {{ toJson . }}
   {{- end }}
-  env:
-    - name: HF_HOME
-      value: {{ .root.Values.modelCache.mountPath | quote }}
-    {{- if .root.Values.huggingface.tokenSecretName }}
-    - name: HF_TOKEN
-      valueFrom:
-        secretKeyRef:
-          name: {{ .root.Values.huggingface.tokenSecretName }}
-          key: {{ .root.Values.huggingface.tokenSecretKey }}
-    {{- end }}
-  volumeMounts:
-    - name: model-cache
-      mountPath: {{ .root.Values.modelCache.mountPath }}
-  securityContext: {{- toYaml .m.engine.securityContext | nindent 4 }}
-  {{- with .root.Values.modelCache.download.resources }}
-  resources: {{- toYaml . | nindent 4 }}
-  {{- end }}
+  {{- include "qwen-serve.engine.cacheAccess" . | nindent 2 }}
 {{- end }}
+{{- $steps := list }}
+{{- range .m.adapters }}
+{{- if .path }}
+{{- $steps = concat $steps (list "check" .name .path) }}
+{{- else if $download }}
+{{- $steps = concat $steps (list "fetch" .name .source) }}
+{{- end }}
+{{- end }}
+{{- if $steps }}
+- name: adapters
+  image: {{ include "qwen-serve.image" (dict "image" .root.Values.images.engine "root" .root) }}
+  imagePullPolicy: {{ .root.Values.images.engine.pullPolicy }}
+  command:
+    - /bin/sh
+    - -c
+    - |
+      set -eu
+      while [ "$#" -gt 0 ]; do
+        step=$1 name=$2 where=$3
+        shift 3
+        if [ "$step" = fetch ]; then
+          echo "LoRA adapter $name: hf download $where"
+          hf download "$where"
+        elif [ -f "$where/adapter_config.json" ]; then
+          echo "LoRA adapter $name: $where"
+        else
+          echo "error: LoRA adapter $name of models.{{ .name }} (the profile's lora.adapters): no $where/adapter_config.json on the model cache volume (claim {{ include "qwen-serve.cacheClaimName" .root }}). Copy the adapter's directory (adapter_config.json and its weights) to $where, or set models.{{ .name }}.adapterPaths.$name to the directory holding it, relative to {{ .root.Values.modelCache.mountPath }}." >&2
+          exit 1
+        fi
+      done
+    - adapters
+  # (check|fetch, adapter name, directory in the pod | hub id) per adapter.
+  args: {{- toYaml $steps | nindent 4 }}
+  {{- include "qwen-serve.engine.cacheAccess" . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The vLLM argv: the generated args, except that each --lora-modules entry of an adapter read from
+the cache volume names its directory in the pod (the generated block names it where `deploy
+render` ran). Hub adapters keep their hub id. `dict "m" <resolved model>`
+*/}}
+{{- define "qwen-serve.engine.args" -}}
+{{- $paths := dict }}
+{{- range .m.adapters }}
+{{- if .path }}
+{{- $_ := set $paths .name .path }}
+{{- end }}
+{{- end }}
+{{- $args := list }}
+{{- $modules := false }}
+{{- range .m.block.args }}
+{{- if and $modules (hasPrefix "{" .) }}
+{{- $module := fromJson . }}
+{{- if hasKey $paths $module.name }}
+{{- $_ := set $module "path" (get $paths $module.name) }}
+{{- $args = append $args (toJson $module) }}
+{{- else }}
+{{- $args = append $args . }}
+{{- end }}
+{{- else }}
+{{- $modules = eq . "--lora-modules" }}
+{{- $args = append $args . }}
+{{- end }}
+{{- end }}
+{{- toYaml $args }}
 {{- end }}
 
 {{/* Probes on vLLM's /health. `dict "m" <resolved model>` */}}
