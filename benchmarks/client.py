@@ -42,7 +42,8 @@ def _usage(record: RequestRecord, usage: dict[str, Any]) -> None:
     record.prompt_tokens = usage.get("prompt_tokens")
     record.completion_tokens = usage.get("completion_tokens")
     details = usage.get("completion_tokens_details") or {}
-    record.reasoning_tokens = details.get("reasoning_tokens")
+    # SGLang also counts them at the top level (its completion_tokens_details may be null).
+    record.reasoning_tokens = details.get("reasoning_tokens") or usage.get("reasoning_tokens")
 
 
 def _event_of(choice: dict[str, Any], chat: bool) -> tuple[bool, bool]:

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from benchmarks.server_metrics import ENGINE_COUNTERS
+
 RESULTS_DIR = Path("results")
 
 # (label, key, format) for the summary table; one column per load point.
@@ -36,10 +38,10 @@ def _fmt(value: float) -> str:
 
 
 def _vllm(run: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's counters summed over every vLLM server scraped, peaks as the highest of them."""
+    """The engines' counters (vLLM's or SGLang's) summed over every engine scraped, peaks as the highest."""
     total: dict[str, Any] = {}
     for server in run.get("server_metrics", []):
-        if server.get("kind") != "vllm":
+        if server.get("kind") not in ENGINE_COUNTERS:
             continue
         for key, value in server.items():
             if key.startswith("peak_"):

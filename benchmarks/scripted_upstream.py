@@ -12,6 +12,14 @@ proxy forwards like any other field), comma-separated:
   "script": "close-before-response" read the request, then drop the connection (a crash on it)
   "script": "close-if-reused"    the same, but only on a connection that served a request before
                                  (a keep-alive connection the server closed under its client)
+  "script": "reject"             answer 400 with the engine's error body (a validation error)
+
+`--engine sglang` shapes every answer as SGLang 0.5.23's OpenAI server does (its protocol.py
+models): the reasoning as `reasoning_content` (never `reasoning`), explicit nulls in deltas,
+`usage: null` on every chunk, `matched_stop`, usage with a top-level `reasoning_tokens`, and flat
+errors (`{"object": "error", "message": ...}`); `assistants` in /stats then records what each
+request's assistant messages carried (`reasoning`, `reasoning_content`), as SGLang reads only the
+latter.
 
 `python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0] [--first-byte-ms 0] [--empty-every 0]
 [--on-schedule]` paces every stream (a fixed prefill, then a fixed gap between token events; with
@@ -38,9 +46,15 @@ from aiohttp.typedefs import Handler
 MODEL = "tiny-qwen3"
 
 
-def _chunk(index: int, text: str, reasoning: bool, chat: bool, finish: str | None = None) -> bytes:
+def _chunk(index: int, text: str, reasoning: bool, chat: bool, finish: str | None = None,
+           sglang: bool = False) -> bytes:
+    body: dict[str, object]
     if chat:
-        delta = {"reasoning": text} if reasoning else {"content": text}
+        if sglang:  # DeltaMessage: every field, null when absent
+            delta = {"role": None, "content": None if reasoning else text,
+                     "reasoning_content": text if reasoning else None, "tool_calls": None}
+        else:
+            delta = {"reasoning": text} if reasoning else {"content": text}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         body = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
                 "choices": [choice]}
@@ -48,7 +62,26 @@ def _chunk(index: int, text: str, reasoning: bool, chat: bool, finish: str | Non
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         body = {"id": "cmpl-scripted", "object": "text_completion", "created": 0, "model": MODEL,
                 "choices": [choice]}
+    if sglang:
+        choice["matched_stop"] = None
+        body["usage"] = None
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error(status: int, message: str, sglang: bool) -> web.Response:
+    if sglang:  # ErrorResponse, flat (sglang/srt/entrypoints/openai/serving_base.py)
+        body: dict[str, object] = {"object": "error", "message": message, "type": "Bad Request", "param": None,
+                                   "code": status}
+    else:
+        body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _assistant_fields(body: dict[str, object]) -> list[dict[str, object]]:
+    messages = body.get("messages")
+    return [{key: m.get(key) for key in ("reasoning", "reasoning_content") if key in m}
+            for m in messages if isinstance(m, dict) and m.get("role") == "assistant"] \
+        if isinstance(messages, list) else []
 
 
 def _first_text(body: dict[str, object]) -> str:
@@ -60,7 +93,9 @@ def _first_text(body: dict[str, object]) -> str:
 
 class Upstream:
     def __init__(self, delay_ms: float, close_before_response: bool = False, first_byte_ms: float = 0.0,
-                 empty_every: int = 0, on_schedule: bool = False) -> None:
+                 empty_every: int = 0, on_schedule: bool = False, engine: str = "vllm") -> None:
+        self.sglang = engine == "sglang"
+        self.assistants: list[list[dict[str, object]]] = []  # per request, its assistant messages' reasoning
         self.delay = delay_ms / 1000.0
         self.on_schedule = on_schedule
         self.first_byte = first_byte_ms / 1000.0
@@ -97,7 +132,8 @@ class Upstream:
     async def stats(self, _request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "disconnects": self.disconnects,
                                   "in_flight": self.in_flight, "seen": self.seen,
-                                  "connections": len(self.served_by), "firsts": self.firsts})
+                                  "connections": len(self.served_by), "firsts": self.firsts,
+                                  "assistants": self.assistants})
 
     async def pause(self, seconds: float, due: float) -> None:
         """Sleep `seconds`, or with --on-schedule until loop time `due` (the schedule, not the
@@ -126,6 +162,9 @@ class Upstream:
         tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         self.requests += 1
         self.firsts.append(_first_text(body))
+        self.assistants.append(_assistant_fields(body))
+        if "reject" in script:
+            return _error(400, "a validation error, as the engine answers it", self.sglang)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         reused = self.served_by.get(peer, 0) > 1
         if self.close_before_response or "close-before-response" in script or (
@@ -139,16 +178,26 @@ class Upstream:
                 await asyncio.sleep(script["first-byte-delay"])
             elif self.first_byte:
                 await self.pause(self.first_byte, arrived + self.first_byte)
-            usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
+            reasoning = int(script.get("reasoning", 0))
+            usage: dict[str, object] = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
+            if self.sglang:  # UsageInfo: reasoning tokens also at the top level
+                usage.update(prompt_tokens_details=None, reasoning_tokens=min(reasoning, tokens),
+                             completion_tokens_details={"reasoning_tokens": min(reasoning, tokens)} if reasoning
+                             else None)
             if not body.get("stream"):
-                message = {"role": "assistant", "content": " tok" * tokens, "reasoning": None}
+                thought = " hmm" * min(reasoning, tokens) or None
+                answer = " tok" * (tokens - min(reasoning, tokens))
+                message: dict[str, object] = {"role": "assistant", "content": answer}
+                message.update({"reasoning_content": thought, "tool_calls": None} if self.sglang
+                               else {"reasoning": thought})
+                choice: dict[str, object] = {"index": 0, "message": message, "finish_reason": "length"}
+                if self.sglang:
+                    choice.update(logprobs=None, matched_stop=None)
                 payload = {"id": "chatcmpl-scripted", "object": "chat.completion", "model": MODEL,
-                           "choices": [{"index": 0, "message": message, "finish_reason": "length"}],
-                           "usage": usage}
+                           "choices": [choice], "usage": usage}
                 return web.json_response(payload)
             response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
             await response.prepare(request)
-            reasoning = int(script.get("reasoning", 0))
             for i in range(tokens):
                 if "die-after" in script and i >= script["die-after"]:
                     assert request.transport is not None
@@ -159,7 +208,7 @@ class Upstream:
                 finish = "length" if i == tokens - 1 else None
                 # A token without text: vLLM's detokenizer holds back one ending inside a character.
                 text = "" if self.empty_every and i % self.empty_every == 0 else " tok"
-                await response.write(_chunk(i, text, i < reasoning, chat, finish))
+                await response.write(_chunk(i, text, i < reasoning, chat, finish, self.sglang))
                 if self.delay:
                     await self.pause(self.delay, arrived + self.first_byte + (i + 1) * self.delay)
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -179,8 +228,8 @@ class Upstream:
 
 
 def make_app(delay_ms: float = 0.0, close_before_response: bool = False, first_byte_ms: float = 0.0,
-             empty_every: int = 0, on_schedule: bool = False) -> web.Application:
-    upstream = Upstream(delay_ms, close_before_response, first_byte_ms, empty_every, on_schedule)
+             empty_every: int = 0, on_schedule: bool = False, engine: str = "vllm") -> web.Application:
+    upstream = Upstream(delay_ms, close_before_response, first_byte_ms, empty_every, on_schedule, engine)
     app = web.Application(middlewares=[upstream.record])
     app.router.add_get("/health", upstream.health)
     app.router.add_get("/stats", upstream.stats)
@@ -207,9 +256,12 @@ def main() -> None:
                              "delay later ones)")
     parser.add_argument("--close-before-response", action="store_true",
                         help="drop every generation request's connection before answering (health still 200)")
+    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm",
+                        help="whose OpenAI server the answers are shaped like (vLLM 0.32's or SGLang 0.5.23's)")
     args = parser.parse_args()
     print(f"scripted upstream on http://{args.host}:{args.port} ({time.strftime('%H:%M:%S')})", flush=True)
-    app = make_app(args.delay_ms, args.close_before_response, args.first_byte_ms, args.empty_every, args.on_schedule)
+    app = make_app(args.delay_ms, args.close_before_response, args.first_byte_ms, args.empty_every, args.on_schedule,
+                   args.engine)
     web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True)
 
 

@@ -28,6 +28,16 @@ VLLM_COUNTERS = {
     "vllm:prefix_cache_hits_total": "prefix_cache_hits",
     "vllm:request_success_total": "requests_finished",
 }
+# SGLang 0.5.23's names for the same (srt/observability/metrics_collector.py; --enable-metrics, which
+# every SGLang profile renders). Its cache counts cached prompt tokens: hits over prompt tokens.
+SGLANG_COUNTERS = {
+    "sglang:prompt_tokens_total": "prompt_tokens",
+    "sglang:generation_tokens_total": "generation_tokens",
+    "sglang:num_retracted_requests_total": "preemptions",
+    "sglang:cached_tokens_total": "prefix_cache_hits",
+    "sglang:num_requests_total": "requests_finished",
+}
+ENGINE_COUNTERS = {"vllm": VLLM_COUNTERS, "sglang": SGLANG_COUNTERS}
 PROXY_COUNTERS = {
     "qwen_proxy_prompt_tokens_total": "prompt_tokens",
     "qwen_proxy_completion_tokens_total": "completion_tokens",
@@ -40,6 +50,9 @@ PEAK_GAUGES = {
     "vllm:num_requests_running": "peak_requests_running",
     "vllm:num_requests_waiting": "peak_requests_waiting",
     "qwen_proxy_requests_in_flight": "peak_proxy_in_flight",
+    "sglang:token_usage": "peak_kv_cache_usage",
+    "sglang:num_running_reqs": "peak_requests_running",
+    "sglang:num_queue_reqs": "peak_requests_waiting",
 }
 MODEL_LABELS = ("model_name", "model")
 _LABELLED = re.compile(r"^([A-Za-z0-9_.-]+)=(https?://.+)$")
@@ -96,7 +109,7 @@ class Scraper:
         """Scrape until the counters stop moving: servers count a request just after its last
         byte, so a scrape right at the edge of a run would split requests across it."""
         deadline = asyncio.get_running_loop().time() + settle_s
-        counters = (*VLLM_COUNTERS, *PROXY_COUNTERS)
+        counters = (*VLLM_COUNTERS, *SGLANG_COUNTERS, *PROXY_COUNTERS)
         previous = await self._get(session)
         while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)  # polling the server's counters, bounded by settle_s
@@ -123,7 +136,7 @@ class Scraper:
         self._task = asyncio.create_task(sample())
 
     def _requests_counted(self) -> float:
-        for name in ("vllm:request_success_total", "qwen_proxy_requests_total"):
+        for name in ("vllm:request_success_total", "sglang:num_requests_total", "qwen_proxy_requests_total"):
             if name in self.after:
                 return self.after[name] - self.before.get(name, 0.0)
         return float("inf")
@@ -153,15 +166,16 @@ class Scraper:
     @property
     def kind(self) -> str:
         values = self.after or self.before
-        if any(k.startswith("vllm:") for k in values):
-            return "vllm"
+        for engine in ENGINE_COUNTERS:
+            if any(k.startswith(f"{engine}:") for k in values):
+                return engine
         return "proxy" if any(k.startswith("qwen_proxy_") for k in values) else "unknown"
 
     def report(self) -> dict[str, Any]:
         if self.error is not None:
             return {"url": self.url, "name": self.name, "error": self.error}
         kind = self.kind
-        counters = VLLM_COUNTERS if kind == "vllm" else PROXY_COUNTERS
+        counters = ENGINE_COUNTERS.get(kind, PROXY_COUNTERS)
         out: dict[str, Any] = {"url": self.url, "name": self.name, "kind": kind}
         for name, key in counters.items():
             if name in self.after:
@@ -169,7 +183,9 @@ class Scraper:
         for name, key in PEAK_GAUGES.items():
             if name in self.peaks:
                 out[key] = self.peaks[name]
-        if kind == "vllm" and out.get("prefix_cache_queries"):
+        if kind == "sglang" and "prompt_tokens" in out:
+            out["prefix_cache_queries"] = out["prompt_tokens"]
+        if kind in ENGINE_COUNTERS and out.get("prefix_cache_queries"):
             out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits", 0.0) / out["prefix_cache_queries"]
         return out
 
@@ -185,8 +201,8 @@ async def stop_all(scrapers: Sequence[Scraper], session: aiohttp.ClientSession, 
         for scraper in scrapers:
             await scraper.final_scrape(session, settle_s)
         live = [s for s in scrapers if s.error is None]
-        engines = [s for s in live if s.kind == "vllm"]
-        others = [s for s in live if s.kind != "vllm"]
+        engines = [s for s in live if s.kind in ENGINE_COUNTERS]
+        others = [s for s in live if s.kind not in ENGINE_COUNTERS]
         engines_done = not engines or sum(s._requests_counted() for s in engines) >= requests
         if (engines_done and all(s._requests_counted() >= requests for s in others)) \
                 or asyncio.get_running_loop().time() > deadline:
@@ -196,7 +212,7 @@ async def stop_all(scrapers: Sequence[Scraper], session: aiohttp.ClientSession, 
 def backends(reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """Where the requests went and what each vLLM's prefix cache saved: per vLLM server (by
     name), and over all of them (hit rate = hits / queries summed; requests max / mean)."""
-    engines = [r for r in reports if r.get("kind") == "vllm"]
+    engines = [r for r in reports if r.get("kind") in ENGINE_COUNTERS]
     if not engines:
         return None
     per: dict[str, dict[str, Any]] = {}

@@ -21,7 +21,7 @@ from serving.errors import ApiError, sse_error_event
 from serving.http_io import Headers, Send, send_whole
 from serving.metrics import Metrics
 from serving.openai_shaping import Shaped
-from serving.openai_stream import StreamRelay, Usage, rewrite_json_response
+from serving.openai_stream import StreamRelay, Usage, nested_error, rewrite_json_response
 from serving.resources import WHAT, ThrottledLog
 from serving.routing import Backend, ModelBackends
 from serving.upstream import BackendReset, ConnectFailed, LocalExhausted, StaleConnection, Upstream
@@ -163,11 +163,12 @@ class Exchange:
         return headers
 
     async def _pass_through(self, response: aiohttp.ClientResponse, payload: bytes, send: Send) -> int:
-        """A backend's error answer goes to the client unchanged."""
+        """A backend's error answer goes to the client as sent (a flat SGLang error nested as OpenAI's)."""
         if response.status >= 500:
             self.metrics.upstream_errors.labels(self.model, "http_5xx").inc()
         content_type = response.headers.get("content-type", "application/json").encode("latin-1")
-        await send_whole(send, response.status, payload, [(b"content-type", content_type), *self.extra_headers])
+        await send_whole(send, response.status, nested_error(payload),
+                         [(b"content-type", content_type), *self.extra_headers])
         return response.status
 
     async def _send_whole(self, payload: bytes, send: Send) -> int:

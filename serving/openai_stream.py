@@ -1,7 +1,8 @@
-"""Per-response work on vLLM's output: SSE events forwarded as they arrive, touched only when needed.
+"""Per-response work on the engine's output: SSE events forwarded as they arrive, touched only when needed.
 
-Most streamed events pass through as the same bytes. An event is changed only to add
-`reasoning_content` beside `reasoning` (the field DashScope/DeepSeek clients read), to name the
+Most streamed events pass through as the same bytes. An event is changed only to give the
+reasoning under both names clients read (vLLM sends `reasoning`, SGLang `reasoning_content`, the
+field DashScope/DeepSeek clients read: whichever came, the other is added beside it), to name the
 alias the client asked for, or to drop the usage event the client did not ask for.
 """
 
@@ -18,6 +19,8 @@ EVENT_END = b"\n\n"
 DONE = b"data: [DONE]"
 REASONING_KEY = '"reasoning":"'
 REASONING_MARK = REASONING_KEY.encode()
+REASONING_CONTENT_KEY = '"reasoning_content":"'  # SGLang's name (never contains REASONING_KEY)
+REASONING_CONTENT_MARK = REASONING_CONTENT_KEY.encode()
 USAGE_MARK = b'"usage":{'
 EMPTY_CHOICES = b'"choices":[]'
 CONTENT_MARK, EMPTY_CONTENT = b'"content":"', b'"content":""'
@@ -27,14 +30,23 @@ TOOL_CALLS_MARK = b'"tool_calls":['
 
 def add_reasoning_content(event: bytes) -> bytes:
     """Copy the JSON string after `"reasoning":` into a `reasoning_content` key, byte for byte."""
+    return _copy_string(event, REASONING_KEY, ',"reasoning_content":')
+
+
+def add_reasoning(event: bytes) -> bytes:
+    """Copy the JSON string after `"reasoning_content":` into a `reasoning` key (SGLang's events)."""
+    return _copy_string(event, REASONING_CONTENT_KEY, ',"reasoning":')
+
+
+def _copy_string(event: bytes, key: str, new_key: str) -> bytes:
     text = event.decode()
     out: list[str] = []
     start = 0
-    while (found := text.find(REASONING_KEY, start)) != -1:
-        value_start = found + len(REASONING_KEY) - 1  # at the opening quote
+    while (found := text.find(key, start)) != -1:
+        value_start = found + len(key) - 1  # at the opening quote
         _, value_end = scanstring(text, value_start + 1)
         out.append(text[start:value_end])
-        out.append(',"reasoning_content":' + text[value_start:value_end])
+        out.append(new_key + text[value_start:value_end])
         start = value_end
     out.append(text[start:])
     return "".join(out).encode()
@@ -52,7 +64,8 @@ class Usage:
         self.prompt = int(usage.get("prompt_tokens") or 0)
         self.completion = int(usage.get("completion_tokens") or 0)
         details = usage.get("completion_tokens_details") or {}
-        self.reasoning = int(details.get("reasoning_tokens") or 0)
+        # SGLang also counts them at the top level (its completion_tokens_details may be null).
+        self.reasoning = int(details.get("reasoning_tokens") or usage.get("reasoning_tokens") or 0)
 
     def record(self, metrics: Metrics, model: str) -> None:
         if self.prompt:
@@ -113,6 +126,9 @@ class StreamRelay:
         reasoning = complete.count(REASONING_MARK)
         if reasoning:
             complete = add_reasoning_content(complete)
+        elif REASONING_CONTENT_MARK in complete:
+            reasoning = complete.count(REASONING_CONTENT_MARK)
+            complete = add_reasoning(complete)
         if self._completions:
             answers = complete.count(TEXT_MARK) - complete.count(EMPTY_TEXT)
         else:
@@ -143,6 +159,9 @@ class StreamRelay:
         elif REASONING_MARK in event:
             self._tokens(1, answer=False)
             event = add_reasoning_content(event)
+        elif REASONING_CONTENT_MARK in event:
+            self._tokens(1, answer=False)
+            event = add_reasoning(event)
         elif self._is_answer(event):
             self._tokens(1, answer=True)
         if self._rewrite is not None:
@@ -176,7 +195,7 @@ class StreamRelay:
 
 
 def rewrite_json_response(payload: bytes, served: str, asked: str, usage: Usage) -> bytes:
-    """A non-streamed response: read usage; add reasoning_content and the asked name when needed."""
+    """A non-streamed response: read usage; add the reasoning's other name and the asked name when needed."""
     try:
         data = json.loads(payload)
     except ValueError:
@@ -187,10 +206,29 @@ def rewrite_json_response(payload: bytes, served: str, asked: str, usage: Usage)
     changed = False
     for choice in data.get("choices") or []:
         message = choice.get("message")
-        if isinstance(message, dict) and message.get("reasoning") is not None and "reasoning_content" not in message:
+        if not isinstance(message, dict):
+            continue
+        if message.get("reasoning") is not None and "reasoning_content" not in message:
             message["reasoning_content"] = message["reasoning"]
+            changed = True
+        elif message.get("reasoning_content") is not None and "reasoning" not in message:  # SGLang
+            message["reasoning"] = message["reasoning_content"]
             changed = True
     if asked != served and data.get("model") == served:
         data["model"] = asked
         changed = True
     return json.dumps(data, separators=(",", ":")).encode() if changed else payload
+
+
+def nested_error(payload: bytes) -> bytes:
+    """A backend's error body in OpenAI's shape, `{"error": {...}}`: SGLang answers errors flat
+    (`{"object": "error", "message": ...}`), which OpenAI clients do not read as an error message.
+    Anything else is the backend's bytes, unchanged."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(data, dict) or data.get("object") != "error" or "error" in data or "message" not in data:
+        return payload
+    error = {key: data.get(key) for key in ("message", "type", "param", "code")}
+    return json.dumps({"error": error}, separators=(",", ":")).encode()

@@ -160,9 +160,10 @@ def start_proxy(args: list[str], log_dir: Path, port: int | None = None, ready_p
 
 
 def start_scripted_upstream(log_dir: Path, port: int | None = None, delay_ms: float = 0,
-                            close_before_response: bool = False) -> Service:
+                            close_before_response: bool = False, engine: str = "vllm") -> Service:
     port = port or free_port()
-    argv = [sys.executable, "-m", "benchmarks.scripted_upstream", "--port", str(port), "--delay-ms", str(delay_ms)]
+    argv = [sys.executable, "-m", "benchmarks.scripted_upstream", "--port", str(port), "--delay-ms", str(delay_ms),
+            "--engine", engine]
     if close_before_response:
         argv.append("--close-before-response")
     return start_service(argv, port, "/health", log_dir)

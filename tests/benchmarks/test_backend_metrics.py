@@ -85,3 +85,32 @@ def test_the_report_shows_each_backend_and_the_balance() -> None:
     assert report.cell(single, "_backend_requests", "{}") == "30"
     assert report.cell(single, "_hit_rate", "{}") == "0.90"
     assert report.cell({**run, "backends": None}, "_hit_rate", "{}") == "-"
+
+
+def sglang_text(requests: int, prompt: int, cached: int, running: int = 0) -> str:
+    """SGLang 0.5.23's exposition of the same (names, types and labels as its metrics collector
+    defines them: counters split by is_streaming, the cache counter by cache_source)."""
+    labels = 'model_name="tiny-qwen3",engine_type="unified",tp_rank="0",pp_rank="0"'
+    return "\n".join([
+        "# TYPE sglang:num_requests_total counter",
+        f'sglang:num_requests_total{{model_name="tiny-qwen3",engine_type="unified",is_streaming="true"}} {requests}.0',
+        "# TYPE sglang:prompt_tokens_total counter",
+        f'sglang:prompt_tokens_total{{model_name="tiny-qwen3",engine_type="unified",is_streaming="true"}} {prompt}.0',
+        'sglang:prompt_tokens_total{model_name="tiny-qwen3",engine_type="unified",is_streaming="false"} 0.0',
+        "# TYPE sglang:cached_tokens_total counter",
+        f'sglang:cached_tokens_total{{model_name="tiny-qwen3",engine_type="unified",cache_source="device"}} {cached}.0',
+        "# TYPE sglang:num_running_reqs gauge",
+        f"sglang:num_running_reqs{{{labels}}} {running}.0",
+        "",
+    ])
+
+
+def test_sglang_servers_are_engines_too() -> None:
+    a = scraped("a", sglang_text(0, 0, 0), sglang_text(12, 1000, 250))
+    a.peaks = {"sglang:num_running_reqs": 3.0}
+    report_a = a.report()
+    assert report_a["kind"] == "sglang"
+    assert (report_a["requests_finished"], report_a["prompt_tokens"], report_a["prefix_cache_hits"]) == (12, 1000, 250)
+    assert report_a["prefix_cache_hit_rate"] == pytest.approx(0.25) and report_a["peak_requests_running"] == 3.0
+    summary = backends([report_a, {"url": "p", "kind": "proxy"}])
+    assert summary is not None and summary["per_backend"]["a"]["requests"] == 12

@@ -57,6 +57,19 @@ def test_reasoning_deltas_are_read_and_split(upstream: Service) -> None:
     assert r.first_answer_time == r.token_times[6]
 
 
+def test_sglangs_stream_is_read_alike(tmp_path: Path) -> None:
+    """SGLang names the reasoning `reasoning_content`, nulls absent fields, puts `usage: null` on
+    every chunk and counts reasoning tokens at the top of its usage."""
+    sglang = start_scripted_upstream(tmp_path, delay_ms=2, engine="sglang")
+    try:
+        [r] = run(Endpoint(sglang.base_url, "tiny-qwen3"), [body(tokens=10, script="reasoning=6")],
+                  loadgen.Pattern(concurrency=1))
+    finally:
+        sglang.stop()
+    assert r.ok and len(r.token_times) == 10 and r.reasoning_chunks == 6 and r.answer_chunks == 4
+    assert (r.prompt_tokens, r.completion_tokens, r.reasoning_tokens) == (8, 10, 6)
+
+
 def test_non_streaming_request(upstream: Service) -> None:
     [r] = run(Endpoint(upstream.base_url, "tiny-qwen3", stream=False), [body(tokens=5, stream=False)],
               loadgen.Pattern(concurrency=1))

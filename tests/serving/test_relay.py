@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from serving.metrics import Metrics
-from serving.openai_stream import StreamRelay, Usage, add_reasoning_content, rewrite_json_response
+from serving.openai_stream import (
+    StreamRelay,
+    Usage,
+    add_reasoning_content,
+    nested_error,
+    rewrite_json_response,
+)
 
 CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":" hi"},"finish_reason":null}],"model":"m"}\n\n'
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"model":"m"}\n\n'
@@ -122,3 +128,36 @@ def test_several_events_in_one_read_are_timed_one_by_one() -> None:
     completions.feed(text + text.replace(b'"a"', b'""') + text)
     itl = metrics.registry.get_sample_value("qwen_proxy_inter_token_latency_seconds_count", {"model": "c"})
     assert itl == 1.0  # two text tokens; the empty one is not a token
+
+
+SGLANG_REASONING = (b'data: {"choices":[{"index":0,"delta":{"role":null,"content":null,"reasoning_content":"a \\"b\\""},'
+                    b'"finish_reason":null,"matched_stop":null}],"usage":null}\n\n')
+SGLANG_CONTENT = (b'data: {"choices":[{"index":0,"delta":{"role":null,"content":" hi","reasoning_content":null},'
+                  b'"finish_reason":null,"matched_stop":null}],"usage":null}\n\n')
+
+
+def test_sglangs_reasoning_content_also_comes_as_reasoning() -> None:
+    for reads in ([SGLANG_REASONING + SGLANG_CONTENT], [SGLANG_REASONING, SGLANG_CONTENT]):
+        r, metrics = relay()
+        out = b"".join(r.feed(read) for read in reads)
+        first, second = (json.loads(event[6:])["choices"][0]["delta"] for event in out.split(b"\n\n")[:2])
+        assert first["reasoning"] == first["reasoning_content"] == 'a "b"' and "reasoning" not in second
+        assert second["content"] == " hi"  # `"usage":null` on every chunk is not the usage event
+        assert counts(metrics) == (1.0, 1.0, 1.0)  # a reasoning token, then the first answer token
+
+
+def test_sglangs_whole_answer_and_usage() -> None:
+    payload = json.dumps({"model": "m", "choices": [{"message": {"content": "x", "reasoning_content": "r"}}],
+                          "usage": {"prompt_tokens": 1, "completion_tokens": 5, "reasoning_tokens": 3,
+                                    "completion_tokens_details": None}}).encode()
+    usage = Usage()
+    message = json.loads(rewrite_json_response(payload, "m", "m", usage))["choices"][0]["message"]
+    assert message["reasoning"] == message["reasoning_content"] == "r" and usage.reasoning == 3
+
+
+def test_flat_errors_are_nested_as_openais() -> None:
+    flat = json.dumps({"object": "error", "message": "bad", "type": "Bad Request", "param": None, "code": 400})
+    assert json.loads(nested_error(flat.encode())) == {
+        "error": {"message": "bad", "type": "Bad Request", "param": None, "code": 400}}
+    nested = b'{"error": {"message": "bad"}}'
+    assert nested_error(nested) is nested and nested_error(b"Internal Server Error") == b"Internal Server Error"
