@@ -112,11 +112,11 @@ profiles: install ## List the model profiles
 	$(PY) -m deploy profiles
 
 .PHONY: render
-render: install ## Print the exact vLLM argv for MODEL
+render: install ## Print the exact engine argv for MODEL (vLLM, or SGLang for engine: sglang)
 	$(PY) -m deploy render $(MODEL) $(PORT_ARG)
 
 .PHONY: check
-check: install tiny-model tiny-lora ## Validate every profile with the pinned vLLM's own code
+check: install tiny-model tiny-lora sglang-venv ## Validate every profile with its engine's own code (vLLM; SGLang in .cache/sglang-venv)
 	$(PY) -m deploy check --all
 
 .PHONY: plan
@@ -176,7 +176,7 @@ bench-routing: install tiny-model ## Routing across replicas: one vLLM vs two be
 ##@ Test
 
 .PHONY: test
-test: install tiny-model tiny-lora helm prometheus ## Run every test: unit, vLLM validation, end-to-end (what CI runs)
+test: install tiny-model tiny-lora sglang-venv helm prometheus ## Run every test: unit, vLLM and SGLang validation, end-to-end (what CI runs)
 	@echo ">> running all tests"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -196,7 +196,7 @@ $(LINT_STAMP): pyproject.toml $(STAMP)
 	touch $@
 
 .PHONY: test-unit
-test-unit: install ## Fast inner loop: tests that start no server
+test-unit: install sglang-venv ## Fast inner loop: tests that start no server
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 ##@ Kubernetes

@@ -91,7 +91,7 @@ def _check_parser_names(profile: Profile) -> None:
         )
 
 
-def _config_theta(config_dir: Path) -> float | None:
+def config_theta(config_dir: Path) -> float | None:
     config = json.loads((config_dir / "config.json").read_text())
     theta = config.get("rope_theta")
     if theta is None and isinstance(config.get("rope_parameters"), dict):
@@ -157,7 +157,10 @@ def _check_lora(profile: Profile, namespace: argparse.Namespace, engine: Any, mo
 
 
 def check_profile(profile: Profile) -> Effective:
-    """Parse the rendered args with vLLM and build its model config; raise CheckError on refusal."""
+    """Parse the rendered args with vLLM and build its model config; raise CheckError on refusal.
+    (`engine: sglang` profiles go to deploy/check_sglang.py instead.)"""
+    if profile.engine != "vllm":
+        raise CheckError(f"{profile.name}: engine {profile.engine}: validated by SGLang's code (deploy.check_sglang)")
     config_dir = profile.config_dir
     if config_dir is None or not (config_dir / "config.json").is_file():
         hint = "run `make tiny-model`" if profile.generator else "set offline_config to a directory under configs/"
@@ -191,7 +194,7 @@ def check_profile(profile: Profile) -> Effective:
     rope: dict[str, Any] = dict(getattr(hf, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
     if profile.rope_scaling is not None:
-        expected = _config_theta(config_dir)
+        expected = config_theta(config_dir)
         if expected is not None and theta != expected:
             raise CheckError(
                 f"{profile.name}: rope_scaling.rope_theta: vLLM would use {theta} but the model's "

@@ -78,16 +78,58 @@ def _describe_effective(values: dict[str, object]) -> str:
     return "\n".join(f"  {name:<18} {value}" for name, value in rows)
 
 
+def _describe_sglang(values: dict[str, object]) -> str:
+    rope = "none"
+    if values["rope_type"] != "default":
+        rope = (f"{values['rope_type']} factor {values['rope_factor']} over "
+                f"{values['rope_original_max_position_embeddings']}")
+    skipped = values["access_log_excluded_prefixes"]
+    rows = [
+        ("context length", values["context_length"]),
+        ("rope scaling", rope),
+        ("rotary embedding", f"{values['rotary_embedding']} ({values['rotary_positions']} positions)"),
+        ("rope theta", values["rope_theta"]),
+        ("dtype", values["dtype"]),
+        ("quantization", values["quantization"] or "none"),
+        ("kv cache dtype", values["kv_cache_dtype"]),
+        ("tensor x pipeline", f"{values['tensor_parallel_size']} x {values['pipeline_parallel_size']}"),
+        ("mem fraction", values["mem_fraction_static"]),
+        ("running requests", values["max_running_requests"] or "SGLang's default (from GPU memory)"),
+        ("prefill chunk", values["chunked_prefill_size"] or "SGLang's default (from GPU memory)"),
+        ("radix cache", values["radix_cache"]),
+        ("cuda graphs", values["cuda_graphs"]),
+        ("reasoning parser", values["reasoning_parser"] or "none"),
+        ("tool-call parser", values["tool_call_parser"] or "none (tool_choice auto: with a parser)"),
+        ("metrics", values["enable_metrics"]),
+        ("access log skips", " ".join(map(str, skipped)) + " (prefixes)"
+         if isinstance(skipped, list) and skipped else "nothing"),
+    ]
+    if values.get("lora_max_rank") is not None:
+        limits = (f"max rank {values['lora_max_rank']}, {values['lora_max_loras_per_batch']} per batch "
+                  f"(the base model included), {values['lora_max_loaded_loras'] or 'any'} loaded")
+        rows.append(("lora", limits))
+        adapters = values.get("lora_adapters")
+        for adapter in adapters if isinstance(adapters, list) else []:
+            rows.append(("adapter", f"{adapter['name']}: {adapter['path']}"))
+    return "\n".join(f"  {name:<18} {value}" for name, value in rows)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the result
     from deploy.check import check_profile
+    from deploy.check_sglang import check_sglang_profile
 
     results = []
     for profile in _profiles(args):
-        effective = check_profile(profile).as_dict()
+        if profile.engine == "sglang":
+            effective = check_sglang_profile(profile).as_dict()
+            text = f"{profile.name}: OK (as computed by SGLang {effective['sglang_version']})\n{_describe_sglang(effective)}"
+        else:
+            effective = check_profile(profile).as_dict()
+            text = f"{profile.name}: OK (as computed by vLLM)\n{_describe_effective(effective)}"
         results.append(effective)
         if not args.json:
-            print(f"{profile.name}: OK (as computed by vLLM)\n{_describe_effective(effective)}")
+            print(text, flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
@@ -160,13 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list the model profiles")
     p.set_defaults(func=cmd_profiles)
 
-    p = sub.add_parser("render", help="print the exact vLLM argv for a profile (JSON and shell)")
+    p = sub.add_parser("render", help="print the exact engine argv for a profile (JSON and shell)")
     with_profile(p, allow_all=True)
     p.add_argument("--port", type=int, help="override the profile's port")
     p.add_argument("--json", action="store_true", help="one JSON object (a list with --all)")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("check", help="validate with the pinned vLLM's own parser and model config")
+    p = sub.add_parser("check", help="validate with the pinned engine's own parser and model config (vLLM or SGLang)")
     with_profile(p, allow_all=True)
     p.add_argument("--json", action="store_true", help="print the effective values as JSON")
     p.set_defaults(func=cmd_check)

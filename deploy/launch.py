@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from deploy import ray_cluster, ray_preflight
+from deploy import ray_cluster, ray_preflight, sglang_engine
 from deploy.errors import LaunchError
 from deploy.host import port_free, visible_gpus
 from deploy.profile import Profile
@@ -70,9 +70,25 @@ def check_gpus(profile: Profile) -> None:
         )
 
 
+def refuse_sglang(profile: Profile) -> None:
+    """The launcher starts vLLM only: SGLang needs an NVIDIA GPU and its own CUDA install (the
+    lmsysorg/sglang image), which this kit's venv does not hold (it has only the validation venv)."""
+    if profile.engine != "sglang":
+        return
+    gpus = visible_gpus()
+    raise LaunchError(
+        f"{profile.name}: engine: sglang: `serve` starts vLLM only. SGLang {sglang_engine.pinned_version()} needs "
+        f"an NVIDIA GPU ({gpus} visible here) and its own CUDA install (SGLang's lmsysorg/sglang image): run `python -m deploy render {profile.name}` for its exact "
+        f"`python -m sglang.launch_server` argv, start it there, then put the proxy in front of it with "
+        f"`python -m serving --backend {profile.name}=http://<host>:{profile.port}`. "
+        "On this machine: MODEL=tiny-qwen3 (vLLM on the CPU)."
+    )
+
+
 def prepare(profile: Profile, port: int | None = None, ray_address: str | None = None,
             generate_model: bool = True) -> Launch:
     """Every check that can fail before a process starts; returns what to run."""
+    refuse_sglang(profile)
     if generate_model:
         ensure_model(profile)
     check_gpus(profile)

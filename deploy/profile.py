@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from deploy import sglang_engine
 from deploy.adapters import MaxLoraRank, verify_adapters
 from deploy.errors import ProfileError
 from deploy.paths import CONFIGS_DIR, MODELS_DIR, REPO_ROOT
@@ -166,6 +167,9 @@ class Profile(Strict):
 
     name: str = Field(pattern=NAME_PATTERN, description="Profile name; equals the file name without .yaml.")
     description: str = ""
+    engine: Literal["vllm", "sglang"] = Field(
+        default="vllm", description="The serving engine the profile renders for: vLLM or SGLang (GPU only)."
+    )
     model: str = Field(min_length=1, description="Hugging Face hub id or a local directory (relative to the repo).")
     served_model_name: str = Field(pattern=NAME_PATTERN, description="The model name clients send.")
     aliases: list[Alias | str] = Field(default_factory=list)
@@ -253,6 +257,10 @@ class Profile(Strict):
                     "an alias: clients could not tell the adapter from the base model; rename the adapter"
                 )
         self._defaults_fit_context()
+        if self.engine == "sglang":
+            refused = sglang_engine.refusals(self)
+            if refused:
+                raise ValueError("engine: sglang: " + "; ".join(refused))
         return self
 
     def _defaults_fit_context(self) -> None:

@@ -1,4 +1,5 @@
-"""Render a profile into the exact vLLM argv: a pure, deterministic function of the profile."""
+"""Render a profile into the exact engine argv (vLLM, or SGLang for `engine: sglang`): a pure,
+deterministic function of the profile."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from deploy import sglang_engine
 from deploy.profile import Profile
 
 # `python -m vllm.entrypoints.openai.api_server` works for both the GPU wheel (`vllm`) and the
@@ -61,7 +63,9 @@ def lora_args(profile: Profile) -> list[str]:
 
 
 def engine_args(profile: Profile, model: str | None = None) -> list[str]:
-    """The vLLM server arguments (without the program), in a fixed order."""
+    """The engine's server arguments (without the program), in a fixed order."""
+    if profile.engine == "sglang":
+        return sglang_engine.engine_args(profile, model)
     p = profile
     args: list[str] = [
         "--model", model or (str(p.model_path) if p.model_path else p.model),
@@ -125,5 +129,6 @@ def server_command(profile: Profile, port: int | None = None, python: str | None
     """The full argv the launcher execs (argv list, never a shell string) and its environment."""
     if port is not None:
         profile = profile.model_copy(update={"port": port})
-    argv = [python or sys.executable, "-m", SERVER_MODULE, *engine_args(profile)]
+    module = sglang_engine.SERVER_MODULE if profile.engine == "sglang" else SERVER_MODULE
+    argv = [python or sys.executable, "-m", module, *engine_args(profile)]
     return Command(argv=argv, env=dict(sorted(profile.env.items())))

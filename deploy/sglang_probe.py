@@ -45,7 +45,7 @@ SERVER_ARG_FIELDS = (
     "mem_fraction_static", "max_running_requests", "max_queued_requests", "max_total_tokens",
     "chunked_prefill_size", "max_prefill_tokens", "enable_mixed_chunk", "page_size",
     "disable_radix_cache", "disable_cuda_graph", "disable_decode_cuda_graph",
-    "disable_prefill_cuda_graph", "enable_torch_compile", "attention_backend", "sampling_backend",
+    "disable_prefill_cuda_graph", "cuda_graph_backend_decode", "cuda_graph_backend_prefill", "enable_torch_compile", "attention_backend", "sampling_backend",
     "grammar_backend", "reasoning_parser", "tool_call_parser", "host", "port", "api_key",
     "enable_metrics", "uvicorn_access_log_exclude_prefixes", "stream_response_default_include_usage",
     "enable_cache_report", "sampling_defaults", "enable_lora", "lora_paths", "max_lora_rank",
