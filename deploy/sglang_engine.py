@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 SERVER_MODULE = "sglang.launch_server"
 REQUIREMENTS = REPO_ROOT / "deploy" / "sglang-requirements.txt"
 
-# The vLLM parser names our profiles use, where SGLang 0.5.23 spells the same parser otherwise
+# The vLLM parser names our profiles use, where the pinned SGLang spells the same parser otherwise
 # (sglang.srt.server_args._reasoning_parser_choices / _tool_call_parser_choices). Names not
 # listed go through unchanged; `deploy check` holds them to SGLang's own choices.
 REASONING_PARSERS = {"deepseek_r1": "deepseek-r1", "deepseek_v3": "deepseek-v3", "openai_gptoss": "gpt-oss"}
@@ -152,7 +152,7 @@ def engine_args(profile: Profile, model: str | None = None) -> list[str]:
     if not p.enable_prefix_caching:
         args.append("--disable-radix-cache")
     if p.enforce_eager:
-        # --disable-cuda-graph is deprecated in 0.5.23 and points to these (torch.compile is off by default).
+        # --disable-cuda-graph is deprecated in the pinned SGLang and points to these (torch.compile is off by default).
         args += ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"]
     if p.reasoning_parser:
         args += ["--reasoning-parser", REASONING_PARSERS.get(p.reasoning_parser, p.reasoning_parser)]

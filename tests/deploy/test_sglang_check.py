@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from deploy import sglang_engine
 from deploy.check_sglang import SglangEffective, check_sglang_profile
 from deploy.errors import CheckError
 from deploy.paths import REPO_ROOT
@@ -51,7 +52,7 @@ def test_qwen3_fp8_as_sglang_computes_it(effective: dict[str, SglangEffective], 
     assert (e.mem_fraction_static, e.max_running_requests, e.chunked_prefill_size) == (0.85, 128, 8192)
     assert e.radix_cache and e.cuda_graphs and e.enable_metrics
     assert e.access_log_excluded_prefixes == ["/health", "/metrics"]
-    assert e.sglang_version == "0.5.23"
+    assert e.sglang_version == sglang_engine.pinned_version()
 
 
 def test_thinking_uses_sglangs_forced_qwen3_parser(effective: dict[str, SglangEffective]) -> None:
