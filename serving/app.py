@@ -170,7 +170,7 @@ class ProxyApp:
             target = path  # the shaped routes forward their own path, never the client's spelling
             if path in SHAPED:
                 try:
-                    shaped = shape(data, route.sampling, chat=path == CHAT, engine=getattr(route.profile, "engine", "vllm"))
+                    shaped = shape(data, route.sampling, chat=path == CHAT, engine=route.profile.engine)
                 except ApiError as exc:
                     if exc.code == "greedy_decoding_refused":
                         self.metrics.greedy.labels(model_label, "rejected").inc()
