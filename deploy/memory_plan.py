@@ -131,6 +131,8 @@ class MemoryPlan:
     lora_rank: int = 0  # --max-lora-rank; 0: LoRA off
     lora_slots: int = 0  # --max-loras
     lora_bytes_per_slot_per_gpu: int = 0
+    # sglang: the fraction holds weights + KV only (activations and CUDA graphs outside it).
+    engine: str = "vllm"
 
     @property
     def lora_bytes_per_gpu(self) -> int:
@@ -179,9 +181,14 @@ def plan_memory(
     weight_per_gpu = weight_bytes // (tensor * pipeline)
     lora_rank = profile.lora.max_rank if profile.lora else 0
     lora_slots = profile.lora.max_loras if profile.lora else 0
+    sglang = profile.engine == "sglang"
+    if sglang and profile.lora:
+        lora_slots += 1  # --max-loras-per-batch: SGLang's pool gives the base model a slot too
     # vLLM's lora_dtype "auto" is the model's dtype.
     lora_slot = shape.lora_elements_per_slot(lora_rank, tensor, pipeline) * dtype_bytes if profile.lora else 0
-    kv_space = usable - weight_per_gpu - int(overhead_gib * GIB) - lora_slots * lora_slot
+    # SGLang's --mem-fraction-static is weights + KV pool: activations come out of the rest.
+    in_budget = 0 if sglang else int(overhead_gib * GIB)
+    kv_space = usable - weight_per_gpu - in_budget - lora_slots * lora_slot
     return MemoryPlan(
         profile=profile.name, gpu=gpu, gpus=tensor * pipeline, tensor=tensor, pipeline=pipeline,
         params=shape.linear_params() + shape.other_params(), weight_bytes=weight_bytes,
@@ -189,6 +196,7 @@ def plan_memory(
         weight_bytes_per_gpu=weight_per_gpu, usable_bytes_per_gpu=usable, kv_space_per_gpu=kv_space,
         max_model_len=profile.max_model_len, overhead_gib=overhead_gib,
         lora_rank=lora_rank, lora_slots=lora_slots, lora_bytes_per_slot_per_gpu=lora_slot,
+        engine=profile.engine,
     )
 
 
@@ -219,6 +227,11 @@ def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
          f"{p.kv_bytes_per_token_per_gpu / 1024:,.0f} KiB per GPU"),
         f"usable per GPU     {gib(p.usable_bytes_per_gpu)} ({p.gpu.memory_gib} GiB x gpu_memory_utilization)",
     ]
+    if p.engine == "sglang":
+        rest = int(p.gpu.memory_gib * GIB) - p.usable_bytes_per_gpu
+        lines[-1] = (f"usable per GPU     {gib(p.usable_bytes_per_gpu)} ({p.gpu.memory_gib} GiB x "
+                     f"gpu_memory_utilization = SGLang's --mem-fraction-static: weights + KV; {gib(rest)} left "
+                     f"for activations/graphs, {p.overhead_gib} GiB estimated)")
     lora = ""
     if p.lora_slots:
         lines.append(
@@ -226,9 +239,9 @@ def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
             f"{mib(p.lora_bytes_per_slot_per_gpu)} (rank {p.lora_rank}, every linear layer + embeddings)"
         )
         lora = " - lora adapters"
+    overhead = (f" - {p.overhead_gib} GiB activations/graphs estimate" if p.engine != "sglang" else "")
     lines += [
-        (f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights{lora} - {p.overhead_gib} GiB "
-         "activations/graphs estimate)"),
+        f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights{lora}{overhead})",
         f"kv capacity        {p.kv_tokens:,} tokens = {p.full_sequences:.2f} sequences of {p.max_model_len:,}",
     ]
     if p.fits:

@@ -15,6 +15,7 @@ from deploy.chart import CHART_PORT, chart_block
 from deploy.check_sglang import check_sglang_profile, effective_from_probe
 from deploy.errors import CheckError, LaunchError, ProfileError
 from deploy.launch import prepare
+from deploy.memory_plan import GIB, format_plan, load_gpu_types, plan_memory
 from deploy.paths import REPO_ROOT
 from deploy.profile import load_profile
 from deploy.render import engine_args, server_command
@@ -196,3 +197,16 @@ def test_chart_block_carries_the_engine_and_sglangs_argv() -> None:
     assert block["profile"]["engine"] == "sglang"
     assert (block["tensor"], block["worldSize"], block["executor"]) == (2, 2, "mp")
     assert chart_block(load_profile("qwq-32b"))["engine"] == "vllm"
+
+
+def test_plan_counts_sglangs_budget_weights_and_kv_only() -> None:
+    gpu = load_gpu_types()["h100-80gb"]
+    sglang = plan_memory(load_profile(QWQ), gpu, 2)
+    vllm = plan_memory(load_profile("qwq-32b", ["gpu_memory_utilization=0.85"]), gpu, 2)
+    assert sglang.usable_bytes_per_gpu == vllm.usable_bytes_per_gpu
+    # The activations allowance is outside SGLang's --mem-fraction-static, inside vLLM's budget.
+    assert sglang.kv_space_per_gpu - vllm.kv_space_per_gpu == int(vllm.overhead_gib * GIB)
+    assert "kv space per GPU   37.1 GiB (usable - weights)\n" in format_plan(sglang, None)
+    lora = ["lora={max_loras: 2, adapters: [{name: math, source: org/math}]}"]
+    assert plan_memory(load_profile(INSTRUCT, lora), gpu, 1).lora_slots == 3  # + the base model's slot
+    assert plan_memory(load_profile("qwen3-4b-instruct-fp8", lora), gpu, 1).lora_slots == 2
