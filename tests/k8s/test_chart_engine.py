@@ -28,27 +28,47 @@ def deploy_render(profile: str, overrides: list[str] | None = None) -> dict[str,
 
 
 def vllm_container(pod: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in pod["spec"]["containers"] if c["name"] in ("vllm", "ray-head", "ray-worker"))
+    """The engine's container: vLLM's (ray-head/ray-worker in a RayCluster) or SGLang's."""
+    return next(c for c in pod["spec"]["containers"] if c["name"] in ("vllm", "sglang", "ray-head", "ray-worker"))
 
 
 def flag(args: list[str], name: str) -> int:
     return int(args[args.index(name) + 1])
 
 
+def hub_id_claims() -> list[str]:
+    """Of the shipped profiles sharing a hub id (a model on vLLM and on SGLang, the two QwQ
+    contexts), the first by name answers to it: with all enabled the proxy would not start otherwise."""
+    blocks = chart_profiles()[0]
+    by_hub: dict[str, list[str]] = {}
+    for name in SHIPPED_GPU_PROFILES:
+        by_hub.setdefault(blocks[name]["model"], []).append(name)
+    return [f"models.{names[0]}.hubIdName=true" for names in by_hub.values() if len(names) > 1]
+
+
 @pytest.fixture(scope="module")
 def all_gpu_profiles() -> list[dict[str, Any]]:
-    """Every shipped GPU profile enabled at once, on 8-GPU nodes (qwq-32b answers to the hub id both QwQ share)."""
-    return render(sets=[*(f"models.{name}.enabled=true" for name in SHIPPED_GPU_PROFILES), "models.qwq-32b.hubIdName=true"])
+    """Every shipped GPU profile enabled at once, on 8-GPU nodes."""
+    return render(sets=[*(f"models.{name}.enabled=true" for name in SHIPPED_GPU_PROFILES), *hub_id_claims()])
+
+
+# The server each engine's container runs the rendered argv with.
+SERVER = {"vllm": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+          "sglang": ["python3", "-m", "sglang.launch_server"]}
 
 
 @pytest.mark.parametrize("profile", SHIPPED_GPU_PROFILES)
 def test_vllm_args_equal_deploy_render(all_gpu_profiles: list[dict[str, Any]], profile: str) -> None:
+    """The engine container (named after the profile's engine) runs exactly `deploy render`'s argv."""
+    from deploy.profile import load_profile
+
+    engine = load_profile(profile).engine
     deployment = one(all_gpu_profiles, "Deployment", f"qwen-qwen-serve-{profile}")
-    vllm = container(deployment["spec"]["template"], "vllm")
+    server = container(deployment["spec"]["template"], engine)
     rendered = deploy_render(profile)
-    assert vllm["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-    assert vllm["args"] == rendered["argv"]
-    env = {e["name"]: e["value"] for e in vllm["env"] if "value" in e}
+    assert server["command"] == SERVER[engine]
+    assert server["args"] == rendered["argv"]
+    env = {e["name"]: e["value"] for e in server["env"] if "value" in e}
     assert rendered["env"].items() <= env.items()
 
 

@@ -34,7 +34,8 @@ def test_string_gpu_count_per_model_is_refused(tmp_path: Path) -> None:
 def test_unknown_model_profile_names_the_known_ones() -> None:
     error = render_error(sets=["models.qwq-64b.enabled=true"])
     assert 'models.qwq-64b: unknown model profile "qwq-64b"' in error
-    assert "Known profiles: qwen3-4b-instruct-fp8, qwen3-4b-thinking-fp8, qwq-32b, qwq-32b-short" in error
+    assert ("Known profiles: qwen3-4b-instruct-fp8, qwen3-4b-instruct-fp8-sglang, qwen3-4b-thinking-fp8, "
+            "qwen3-4b-thinking-fp8-sglang, qwq-32b, qwq-32b-sglang, qwq-32b-short") in error
 
 
 def test_tensor_parallel_beyond_a_node_without_ray_is_refused() -> None:

@@ -117,6 +117,19 @@ Every refusal is here, with the model, the numbers and what to do.
 {{- fail (printf "models.%s.profileOverride is the block of profile %q: put it under models.%s, or regenerate it with `python -m deploy chart-profiles --profile %s --values`." $name $block.name $block.name $name) }}
 {{- end }}
 {{- $engine := mergeOverwrite (deepCopy $.Values.engine) ($model.engine | default dict) }}
+{{- /* The server the block runs: vLLM or SGLang (blocks generated before `engine` existed are vLLM's). */}}
+{{- $engineName := $block.engine | default ($block.profile | default dict).engine | default "vllm" }}
+{{- if not (has $engineName (list "vllm" "sglang")) }}
+{{- fail (printf "models.%s: engine %q: the chart runs vllm or sglang; regenerate the block with `python -m deploy chart-profiles --profile %s --values`." $name $engineName $name) }}
+{{- end }}
+{{- $image := get ($engine.images | default dict) $engineName | default dict }}
+{{- if eq $engineName "vllm" }}
+{{- $image = mergeOverwrite (deepCopy $.Values.images.engine) $image }}
+{{- else if not (and $image.repository $image.tag) }}
+{{- fail (printf "models.%s: profile engine %s needs an image: set engine.images.%s.repository and .tag (e.g. lmsysorg/sglang, v0.5.23)." $name $engineName $engineName) }}
+{{- end }}
+{{- $module := $block.serverModule | default (ternary "sglang.launch_server" "vllm.entrypoints.openai.api_server" (eq $engineName "sglang")) }}
+{{- $server := dict "engine" $engineName "image" $image "module" $module }}
 {{- $replicas := 1 }}
 {{- if hasKey $model "replicas" }}
 {{- $replicas = int $model.replicas }}
@@ -125,6 +138,9 @@ Every refusal is here, with the model, the numbers and what to do.
 {{- $world := int $block.worldSize }}
 {{- $layout := dict "multiNode" false "nodes" 1 "gpusPerPod" $world }}
 {{- if gt $world $perNode }}
+{{- if eq $engineName "sglang" }}
+{{- fail (printf "models.%s: tensor %d x pipeline %d = %d GPUs, but a node has %d (gpusPerNode), and an SGLang profile runs in one pod (the kit renders no multi-node SGLang). Lower the parallelism or raise gpusPerNode, or serve the model with engine vllm and executor ray." $name (int $block.tensor) (int $block.pipeline) $world $perNode) }}
+{{- end }}
 {{- if ne $block.executor "ray" }}
 {{- fail (printf "models.%s: tensor %d x pipeline %d = %d GPUs, but a node has %d (gpusPerNode) and the profile's executor is %q, which runs on one node. Lower the parallelism, raise gpusPerNode, or use executor ray: python -m deploy chart-profiles --profile %s --set parallelism.executor=ray --values" $name (int $block.tensor) (int $block.pipeline) $world $perNode $block.executor $name) }}
 {{- end }}
@@ -174,7 +190,7 @@ for a hub id, which the adapters init container downloads into HF_HOME like the 
 {{- end }}
 {{- $adapters = append $adapters (dict "name" .name "source" .source "path" $path) }}
 {{- end }}
-{{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout "hubIdName" $model.hubIdName "adapters" $adapters) }}
+{{- $_ := set $out $name (dict "block" $block "engine" $engine "replicas" $replicas "layout" $layout "hubIdName" $model.hubIdName "adapters" $adapters "server" $server) }}
 {{- end }}
 {{- end }}
 {{- if not $out }}
@@ -225,11 +241,16 @@ one is refused.
 {{- toYaml (dict "models" $out) }}
 {{- end }}
 
-{{/* The vLLM container's environment: `dict "root" $ "m" <resolved model>`. */}}
+{{/* The engine container's environment: `dict "root" $ "m" <resolved model>`. */}}
 {{- define "qwen-serve.engine.env" -}}
 {{- range $k, $v := .m.block.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
+{{- end }}
+{{- if eq .m.server.engine "sglang" }}
+# SGLang's image has no home for uid 1000 (engine.podSecurityContext): its JIT and compile caches go to /tmp.
+- name: HOME
+  value: /tmp
 {{- end }}
 - name: HF_HOME
   value: {{ .root.Values.modelCache.mountPath | quote }}
@@ -285,8 +306,8 @@ so a missing one fails the pod before vLLM loads the weights. `dict "root" $ "m"
 {{- $download := .root.Values.modelCache.download.enabled }}
 {{- if and $download (not (hasPrefix "/" $model)) (not (hasPrefix "." $model)) }}
 - name: download
-  image: {{ include "qwen-serve.image" (dict "image" .root.Values.images.engine "root" .root) }}
-  imagePullPolicy: {{ .root.Values.images.engine.pullPolicy }}
+  image: {{ include "qwen-serve.image" (dict "image" .m.server.image "root" .root) }}
+  imagePullPolicy: {{ .m.server.image.pullPolicy }}
   command: ["hf", "download", {{ $model | quote }}]
   {{- with .root.Values.modelCache.download.extraArgs }}
   args: {{ toJson . }}
@@ -303,8 +324,8 @@ so a missing one fails the pod before vLLM loads the weights. `dict "root" $ "m"
 {{- end }}
 {{- if $steps }}
 - name: adapters
-  image: {{ include "qwen-serve.image" (dict "image" .root.Values.images.engine "root" .root) }}
-  imagePullPolicy: {{ .root.Values.images.engine.pullPolicy }}
+  image: {{ include "qwen-serve.image" (dict "image" .m.server.image "root" .root) }}
+  imagePullPolicy: {{ .m.server.image.pullPolicy }}
   command:
     - /bin/sh
     - -c
@@ -331,9 +352,10 @@ so a missing one fails the pod before vLLM loads the weights. `dict "root" $ "m"
 {{- end }}
 
 {{/*
-The vLLM argv: the generated args, except that each --lora-modules entry of an adapter read from
-the cache volume names its directory in the pod (the generated block names it where `deploy
-render` ran). Hub adapters keep their hub id. `dict "m" <resolved model>`
+The engine argv: the generated args, except that each --lora-modules (vLLM) or --lora-paths
+(SGLang) entry of an adapter read from the cache volume names its directory in the pod (the
+generated block names it where `deploy render` ran). Hub adapters keep their hub id, which both
+engines resolve in HF_HOME. `dict "m" <resolved model>`
 */}}
 {{- define "qwen-serve.engine.args" -}}
 {{- $paths := dict }}
@@ -344,24 +366,29 @@ render` ran). Hub adapters keep their hub id. `dict "m" <resolved model>`
 {{- end }}
 {{- $args := list }}
 {{- $modules := false }}
+{{- $prefix := ternary "lora_" "" (eq .m.server.engine "sglang") }}
 {{- range .m.block.args }}
 {{- if and $modules (hasPrefix "{" .) }}
 {{- $module := fromJson . }}
-{{- if hasKey $paths $module.name }}
-{{- $_ := set $module "path" (get $paths $module.name) }}
+{{- $adapter := get $module (printf "%sname" $prefix) }}
+{{- if hasKey $paths $adapter }}
+{{- $_ := set $module (printf "%spath" $prefix) (get $paths $adapter) }}
 {{- $args = append $args (toJson $module) }}
 {{- else }}
 {{- $args = append $args . }}
 {{- end }}
 {{- else }}
-{{- $modules = eq . "--lora-modules" }}
+{{- $modules = has . (list "--lora-modules" "--lora-paths") }}
 {{- $args = append $args . }}
 {{- end }}
 {{- end }}
 {{- toYaml $args }}
 {{- end }}
 
-{{/* Probes on vLLM's /health. `dict "m" <resolved model>` */}}
+{{/*
+Probes on the engine's /health: vLLM's, or SGLang's (503 while it starts; when idle it runs a
+one-token generation, as /health_generate always does). `dict "m" <resolved model>`
+*/}}
 {{- define "qwen-serve.engine.probes" -}}
 {{- range $kind := list "startupProbe" "readinessProbe" "livenessProbe" }}
 {{- $p := index $.m.engine $kind }}
