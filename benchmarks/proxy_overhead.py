@@ -4,8 +4,8 @@ reach), side by side.
 
     python -m benchmarks.proxy_overhead [--concurrency 1 16 64 256] [--seconds 6] [--rounds 2]
 
-Starts a scripted SSE upstream (cheap, paced like vLLM on a GPU: --gap-ms between events, so the
-proxies' own cost dominates), the tiny model on vLLM's CPU build (sharing the cores), and the proxy and the bare relay in front of each;
+Starts a scripted SSE upstream (cheap, paced like vLLM on a GPU: --gap-ms between events, every
+running stream's event in the same step as from vLLM's engine, so the proxies' own cost dominates), the tiny model on vLLM's CPU build (sharing the cores), and the proxy and the bare relay in front of each;
 then for every concurrency alternates direct, proxied and bare-relay rounds (the machine is
 noisy: rotating the order keeps the ratios fair), each client keeping its connections as real
 clients do, and prints added TTFT (p50, p99), tokens/s through each relay as a fraction of direct
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap-ms", type=float, default=20.0,
                         help="the scripted upstream's pause between token events (vLLM's pace on a GPU: "
                              "each read then carries one event, as from vLLM); 0 streams as fast as it can")
+    parser.add_argument("--pacing", choices=["steps", "streams"], default="steps",
+                        help="steps: the scripted upstream's streams share one step clock, as vLLM's engine gives "
+                             "every running request a token per step; streams: each stream on its own timer")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.concurrency) or args.seconds <= 0 or args.rounds < 1 or args.gap_ms < 0:
         parser.error("concurrency >= 1, seconds > 0, rounds >= 1 and gap-ms >= 0")
@@ -183,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 port, proxy_port, bare_port = free_port(), free_port(), free_port()
                 upstream = f"http://127.0.0.1:{port}"
                 if kind == "scripted":
+                    pacing = ["--engine-steps"] if args.pacing == "steps" and args.gap_ms else []
                     stack.start([python, "-m", "benchmarks.scripted_upstream", "--port", str(port),
-                                 "--delay-ms", str(args.gap_ms)],
+                                 "--delay-ms", str(args.gap_ms), *pacing],
                                 f"{upstream}/health")
                 else:
                     stack.start([python, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port)],
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     print(f"\nmachine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}; "
           f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode, scripted "
-          f"upstream {args.gap_ms:g} ms between events; "
+          f"upstream {args.gap_ms:g} ms between events ({args.pacing} pacing); "
           "d/p/b = direct / proxy / bare relay")
     return 0
 

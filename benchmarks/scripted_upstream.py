@@ -22,9 +22,11 @@ request's assistant messages carried (`reasoning`, `reasoning_content`), as SGLa
 latter.
 
 `python -m benchmarks.scripted_upstream --port 9000 [--delay-ms 0] [--first-byte-ms 0] [--empty-every 0]
-[--on-schedule]` paces every stream (a fixed prefill, then a fixed gap between token events; with
---on-schedule each event is due at its time from the request's arrival, so a late one does not push
-the rest back: a known truth for checking how load generators time streams) and GET /v1/models
+[--on-schedule | --engine-steps]` paces every stream (a fixed prefill, then a fixed gap between token
+events; with --on-schedule each event is due at its time from the request's arrival, so a late one
+does not push the rest back: a known truth for checking how load generators time streams; with
+--engine-steps every stream's events go out on one shared step clock, as from vLLM's engine, whose
+every decode step gives each running request one token) and GET /v1/models
 lists one model. GET /stats returns counters
 (generation requests, disconnects seen, and `seen`: the request line of every request other than
 /health and /stats, as received; `connections`: how many connections carried them; `firsts`: each
@@ -91,9 +93,16 @@ def _first_text(body: dict[str, object]) -> str:
     return str(body.get("prompt") or "")
 
 
+def until_next_step(now: float, step: float) -> float:
+    """Seconds from `now` to the next multiple of `step`: the shared clock of --engine-steps."""
+    return step - now % step
+
+
 class Upstream:
     def __init__(self, delay_ms: float, close_before_response: bool = False, first_byte_ms: float = 0.0,
-                 empty_every: int = 0, on_schedule: bool = False, engine: str = "vllm") -> None:
+                 empty_every: int = 0, on_schedule: bool = False, engine: str = "vllm",
+                 engine_steps: bool = False) -> None:
+        self.engine_steps = engine_steps
         self.sglang = engine == "sglang"
         self.assistants: list[list[dict[str, object]]] = []  # per request, its assistant messages' reasoning
         self.delay = delay_ms / 1000.0
@@ -137,9 +146,12 @@ class Upstream:
 
     async def pause(self, seconds: float, due: float) -> None:
         """Sleep `seconds`, or with --on-schedule until loop time `due` (the schedule, not the
-        last write, sets when the next event goes out)."""
+        last write, sets when the next event goes out), or with --engine-steps until the next
+        multiple of `seconds` on the loop's clock (every running stream's event in the same step)."""
         if self.on_schedule:
             seconds = due - asyncio.get_running_loop().time()
+        elif self.engine_steps:
+            seconds = until_next_step(asyncio.get_running_loop().time(), seconds)
         if seconds > 0:
             await asyncio.sleep(seconds)
 
@@ -228,8 +240,10 @@ class Upstream:
 
 
 def make_app(delay_ms: float = 0.0, close_before_response: bool = False, first_byte_ms: float = 0.0,
-             empty_every: int = 0, on_schedule: bool = False, engine: str = "vllm") -> web.Application:
-    upstream = Upstream(delay_ms, close_before_response, first_byte_ms, empty_every, on_schedule, engine)
+             empty_every: int = 0, on_schedule: bool = False, engine: str = "vllm",
+             engine_steps: bool = False) -> web.Application:
+    upstream = Upstream(delay_ms, close_before_response, first_byte_ms, empty_every, on_schedule, engine,
+                        engine_steps)
     app = web.Application(middlewares=[upstream.record])
     app.router.add_get("/health", upstream.health)
     app.router.add_get("/stats", upstream.stats)
@@ -254,14 +268,19 @@ def main() -> None:
     parser.add_argument("--on-schedule", action="store_true",
                         help="event i is due first-byte + i x delay after the request arrived (late writes do not "
                              "delay later ones)")
+    parser.add_argument("--engine-steps", action="store_true",
+                        help="token events go out on a shared clock of --delay-ms steps, every running stream's in "
+                             "the same step, as vLLM's engine emits one token per running request per step")
     parser.add_argument("--close-before-response", action="store_true",
                         help="drop every generation request's connection before answering (health still 200)")
     parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm",
                         help="whose OpenAI server the answers are shaped like (vLLM 0.32's or SGLang 0.5.23's)")
     args = parser.parse_args()
     print(f"scripted upstream on http://{args.host}:{args.port} ({time.strftime('%H:%M:%S')})", flush=True)
+    if args.on_schedule and args.engine_steps:
+        parser.error("--on-schedule and --engine-steps are two pacings: choose one")
     app = make_app(args.delay_ms, args.close_before_response, args.first_byte_ms, args.empty_every, args.on_schedule,
-                   args.engine)
+                   args.engine, args.engine_steps)
     web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True)
 
 

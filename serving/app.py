@@ -32,7 +32,7 @@ from serving.http_io import (
     send_json,
     send_whole,
 )
-from serving.metrics import Metrics, status_class
+from serving.metrics import Metrics
 from serving.openai_shaping import shape
 from serving.openapi import spec_json
 from serving.resources import ThrottledLog
@@ -201,8 +201,7 @@ class ProxyApp:
         except ClientGone:
             status = CLIENT_CLOSED
         finally:
-            self.metrics.requests.labels(model_label, route_label, status_class(status)).inc()
-            self.metrics.duration.labels(model_label, route_label).observe(time.perf_counter() - start)
+            self.metrics.answered(model_label, route_label, status, time.perf_counter() - start)
 
     async def _until_client_leaves(self, exchange: Exchange, receive: Receive, send: Send) -> int:
         """Run the exchange; if the client disconnects first, cancel it (which closes the backend

@@ -55,7 +55,7 @@ class Exchange:
         self.model = route.served_name
 
     async def run(self, send: Send) -> int:
-        in_flight = self.metrics.in_flight.labels(self.model)
+        in_flight = self.metrics.model(self.model).in_flight
         in_flight.inc()
         excluded: set[Backend] = set()
         retry_on: Backend | None = None  # a backend whose pooled connection was stale

@@ -6,6 +6,7 @@ its ASGI scope and messages into what the handlers need, and back.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -19,6 +20,7 @@ Headers = list[tuple[bytes, bytes]]
 
 JSON = b"application/json"
 CLOSE = (b"connection", b"close")
+UNSAFE_IN_PATH = re.compile("[\x00-\x20\x7f]")  # control characters and space
 
 
 class ClientGone(Exception):
@@ -52,7 +54,7 @@ class Incoming:
 
     def has_unsafe_path(self) -> bool:
         """Control characters or spaces once decoded: refused rather than matched or logged."""
-        return any(ord(c) <= 0x20 or ord(c) == 0x7F for c in self.path)
+        return UNSAFE_IN_PATH.search(self.path) is not None
 
 
 def declared_length(incoming: Incoming) -> int | None:

@@ -74,12 +74,48 @@ class Metrics:
         self.exhausted = Counter(f"{p}_resource_exhausted", "Requests answered 503 because the proxy ran out "
                                  "of descriptors or buffers (its own limit), by errno", ["errno"], registry=registry)
 
+        # Children by label values, resolved once: `.labels()` takes a lock and builds tuples on
+        # every call, and these are used on every request. Keys are bounded like the labels.
+        self._models: dict[str, ModelMetrics] = {}
+        self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        """The per-model children (`name` is a configured model name, never client input)."""
+        found = self._models.get(name)
+        if found is None:
+            found = self._models[name] = ModelMetrics(self, name)
+        return found
+
+    def answered(self, model: str, route: str, status: int, seconds: float) -> None:
+        key = (model, route, status // 100)
+        children = self._answered.get(key)
+        if children is None:
+            children = self._answered[key] = (self.requests.labels(model, route, status_class(status)),
+                                              self.duration.labels(model, route))
+        children[0].inc()
+        children[1].observe(seconds)
+
     def exposition(self) -> bytes:
         if self.multiprocess_dir:
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged, self.multiprocess_dir)
             return bytes(generate_latest(merged))
         return bytes(generate_latest(self.registry))
+
+
+class ModelMetrics:
+    """One model's children of the metrics observed on every request."""
+
+    __slots__ = ("completion_tokens", "in_flight", "itl", "prompt_tokens", "reasoning_tokens", "ttfat", "ttft")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.in_flight = metrics.in_flight.labels(model)
+        self.ttft = metrics.ttft.labels(model)
+        self.ttfat = metrics.ttfat.labels(model)
+        self.itl = metrics.itl.labels(model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.completion_tokens = metrics.completion_tokens.labels(model)
+        self.reasoning_tokens = metrics.reasoning_tokens.labels(model)
 
 
 def status_class(status: int) -> str:

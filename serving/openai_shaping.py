@@ -6,6 +6,7 @@ send. Fields the stack cannot honour are refused with a 400 that says so, never 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,17 +37,25 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, NUMBER) and not isinstance(value, bool)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+KINDS: dict[str, Callable[[Any], bool]] = {
+    "bool": lambda value: isinstance(value, bool),
+    "number": _is_number,
+    "int": _is_int,
+    "object": lambda value: isinstance(value, dict),
+}
+# Request fields whose type the proxy relies on, checked before it reads them.
+TYPED_FIELDS = (("stream", "bool"), ("temperature", "number"), ("max_tokens", "int"),
+                ("max_completion_tokens", "int"), ("chat_template_kwargs", "object"),
+                ("stream_options", "object"), ("enable_thinking", "bool"))
+
+
 def _expect(body: dict[str, Any], name: str, kind: str) -> None:
     value = body.get(name)
-    if value is None:
-        return
-    ok = {
-        "bool": isinstance(value, bool),
-        "number": _is_number(value),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "object": isinstance(value, dict),
-    }[kind]
-    if not ok:
+    if value is not None and not KINDS[kind](value):
         article = "an" if kind[0] in "aeiou" else "a"
         raise ApiError(400, f"'{name}' must be {article} {kind}, got {type(value).__name__}", param=name)
 
@@ -101,9 +110,7 @@ def _ignored_fields(body: dict[str, Any], chat: bool) -> list[str]:
 
 
 def shape(body: dict[str, Any], sampling: Sampling, chat: bool, engine: str = "vllm") -> Shaped:
-    for name, kind in (("stream", "bool"), ("temperature", "number"), ("max_tokens", "int"),
-                       ("max_completion_tokens", "int"), ("chat_template_kwargs", "object"),
-                       ("stream_options", "object"), ("enable_thinking", "bool")):
+    for name, kind in TYPED_FIELDS:
         _expect(body, name, kind)
     _qwen_compat(body)
     applied: list[str] = []

@@ -21,6 +21,7 @@ REASONING_KEY = '"reasoning":"'
 REASONING_MARK = REASONING_KEY.encode()
 REASONING_CONTENT_KEY = '"reasoning_content":"'  # SGLang's name (never contains REASONING_KEY)
 REASONING_CONTENT_MARK = REASONING_CONTENT_KEY.encode()
+REASONING_PREFIX = b'"reasoning'  # the start of both names
 USAGE_MARK = b'"usage":{'
 EMPTY_CHOICES = b'"choices":[]'
 CONTENT_MARK, EMPTY_CONTENT = b'"content":"', b'"content":""'
@@ -68,12 +69,13 @@ class Usage:
         self.reasoning = int(details.get("reasoning_tokens") or usage.get("reasoning_tokens") or 0)
 
     def record(self, metrics: Metrics, model: str) -> None:
+        children = metrics.model(model)
         if self.prompt:
-            metrics.prompt_tokens.labels(model).inc(self.prompt)
+            children.prompt_tokens.inc(self.prompt)
         if self.completion:
-            metrics.completion_tokens.labels(model).inc(self.completion)
+            children.completion_tokens.inc(self.completion)
         if self.reasoning:
-            metrics.reasoning_tokens.labels(model).inc(self.reasoning)
+            children.reasoning_tokens.inc(self.reasoning)
 
 
 class StreamRelay:
@@ -92,48 +94,56 @@ class StreamRelay:
         self._pending = b""
         self._last_token: float | None = None
         self._first_answer = False
-        self._ttft = metrics.ttft.labels(model)
-        self._ttfat = metrics.ttfat.labels(model)
-        self._itl = metrics.itl.labels(model)
+        children = metrics.model(model)
+        self._ttft, self._ttfat, self._itl = children.ttft, children.ttfat, children.itl
         self._completions = completions
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to send now for the bytes just read (events are never split or merged further).
 
         A read usually carries one event, under load several: they are handled as one buffer (a
-        few substring scans and counts, no splitting), up to the end of the stream, whose events
-        are taken one by one (the usage event may be dropped)."""
+        few substring scans and counts, no splitting, no copy when the read ends on an event
+        boundary, as vLLM's do), up to the end of the stream, whose events are taken one by one
+        (the usage event may be dropped)."""
         if self._pending:
             data = self._pending + data
-        end = data.rfind(EVENT_END)
-        if end == -1:
-            self._pending = data
-            return b""
-        self._pending = data[end + 2:]
-        complete = data[: end + 2]
-        ending = [at for at in (complete.find(USAGE_MARK), complete.find(DONE)) if at != -1]
-        if not ending:
-            return self._buffer(complete)
-        # The end of the stream is in this read: the events before it as one buffer, then one by one.
-        before = complete.rfind(EVENT_END, 0, min(ending))
-        if before == -1:
-            return self._events(complete)
-        return self._buffer(complete[:before + 2]) + self._events(complete[before + 2:])
+            self._pending = b""
+        if not data.endswith(EVENT_END):
+            end = data.rfind(EVENT_END)
+            if end == -1:
+                self._pending = data
+                return b""
+            self._pending = data[end + 2:]
+            data = data[: end + 2]
+        if USAGE_MARK in data or DONE in data:
+            # The end of the stream is in this read: the events before it as one buffer, then one by one.
+            ending = min(at for at in (data.find(USAGE_MARK), data.find(DONE)) if at != -1)
+            before = data.rfind(EVENT_END, 0, ending)
+            if before == -1:
+                return self._events(data)
+            return self._buffer(data[:before + 2]) + self._events(data[before + 2:])
+        return self._buffer(data)
 
     def _buffer(self, complete: bytes) -> bytes:
         """Whole events none of which ends the stream: copied, touched only where they must change."""
         # Every `"reasoning":"`, `"content":"`, ... is a key: a JSON string escapes its quotes.
-        reasoning = complete.count(REASONING_MARK)
-        if reasoning:
-            complete = add_reasoning_content(complete)
-        elif REASONING_CONTENT_MARK in complete:
-            reasoning = complete.count(REASONING_CONTENT_MARK)
-            complete = add_reasoning(complete)
+        reasoning = 0
+        if REASONING_PREFIX in complete:  # one scan for both names; answer-only reads skip the rest
+            reasoning = complete.count(REASONING_MARK)
+            if reasoning:
+                complete = add_reasoning_content(complete)
+            elif REASONING_CONTENT_MARK in complete:
+                reasoning = complete.count(REASONING_CONTENT_MARK)
+                complete = add_reasoning(complete)
         if self._completions:
-            answers = complete.count(TEXT_MARK) - complete.count(EMPTY_TEXT)
+            answers = complete.count(TEXT_MARK)
+            if answers:
+                answers -= complete.count(EMPTY_TEXT)
         else:
-            answers = (complete.count(CONTENT_MARK) - complete.count(EMPTY_CONTENT)
-                       + complete.count(TOOL_CALLS_MARK))
+            answers = complete.count(CONTENT_MARK)
+            if answers:
+                answers -= complete.count(EMPTY_CONTENT)
+            answers += complete.count(TOOL_CALLS_MARK)
         if reasoning or answers:
             self._tokens(reasoning + answers, answers > 0)
         if self._rewrite is not None:

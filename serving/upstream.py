@@ -11,9 +11,14 @@ What matters for a retry is whether the backend may have started the request:
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import weakref
+from contextvars import ContextVar
+from typing import Any
 
 import aiohttp
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from yarl import URL
 
 from serving.resources import exhausted
@@ -49,12 +54,8 @@ class LocalExhausted(UpstreamError):
         self.name = name
 
 
-async def _mark_reused(_session: aiohttp.ClientSession, context: SimpleNamespace, _params: object) -> None:
-    context.trace_request_ctx.reused = True
-
-
 class Attempt:
-    """What aiohttp's tracing tells about one attempt's connection."""
+    """Whether one attempt's connection had carried a request before."""
 
     __slots__ = ("reused",)
 
@@ -62,18 +63,41 @@ class Attempt:
         self.reused = False
 
 
+# The attempt being connected, in the task sending it (aiohttp connects inside the caller's task).
+_ATTEMPT: ContextVar[Attempt | None] = ContextVar("attempt", default=None)
+
+
+class PoolConnector(aiohttp.TCPConnector):
+    """Notes whether the connection it hands out is one it handed out before (from the pool).
+
+    aiohttp's request tracing tells the same, but builds and awaits a dozen trace events per
+    request to do it; this is one set lookup."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[object] = weakref.WeakSet()  # protocols of live connections
+
+    async def connect(self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        attempt = _ATTEMPT.get()
+        if protocol in self._handed_out:
+            if attempt is not None:
+                attempt.reused = True
+        elif protocol is not None:
+            self._handed_out.add(protocol)
+        return connection
+
+
 class Upstream:
     """The proxy's HTTP clients: one pooled session for requests, one without keep-alive for
     health checks and for the retry after a stale connection (a guaranteed fresh connection)."""
 
     def __init__(self) -> None:
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_reuseconn.append(_mark_reused)
         common = {"auto_decompress": False, "skip_auto_headers": SKIP_HEADERS,
                   "timeout": aiohttp.ClientTimeout(total=None)}
         self.pooled = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS),
-            trace_configs=[trace], **common)  # type: ignore[arg-type]
+            connector=PoolConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS), **common)  # type: ignore[arg-type]
         self.fresh = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True), **common)  # type: ignore[arg-type]
 
@@ -85,9 +109,9 @@ class Upstream:
         """Send the request and read the response head; the body is the caller's to read."""
         attempt = Attempt()
         session = self.fresh if fresh else self.pooled
+        _ATTEMPT.set(attempt)
         try:
-            return await session.post(url, data=body, headers=JSON_HEADERS, trace_request_ctx=attempt,
-                                      timeout=_connect_timeout(connect_seconds))
+            return await session.post(url, data=body, headers=JSON_HEADERS, timeout=_connect_timeout(connect_seconds))
         except aiohttp.ConnectionTimeoutError:
             raise ConnectFailed(f"no connection within {connect_seconds:g} s") from None
         except aiohttp.ClientConnectorError as exc:

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from benchmarks.scripted_upstream import until_next_step
 from deploy.paths import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -30,3 +31,12 @@ def test_scripted_cell_reports_three_modes_events_errors_and_cpu() -> None:
     assert events == "66/66/66"  # 64 token events, the usage event and [DONE], in every mode
     assert errors == "0"
     assert all(math.isfinite(float(value)) for value in (cpu_proxy, cpu_bare, cpu_ratio))
+    assert "(steps pacing)" in done.stdout  # the scripted upstream on vLLM's step clock by default
+
+
+@pytest.mark.parametrize(("now", "step", "left"), [(1.013, 0.02, 0.007), (0.75, 0.25, 0.25), (0.0, 0.05, 0.05),
+                                                   (7.049, 0.05, 0.001)])
+def test_engine_steps_wait_for_the_next_step_of_one_shared_clock(now: float, step: float, left: float) -> None:
+    # Streams that start at different times still emit in the same steps: each waits to a multiple.
+    assert until_next_step(now, step) == pytest.approx(left)
+    assert (now + until_next_step(now, step)) / step == pytest.approx(round((now + left) / step))

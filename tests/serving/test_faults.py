@@ -69,28 +69,39 @@ async def _leave_once_running(url: str, body: dict[str, object], vllm: RunningSe
     """Send a long request and leave as soon as vLLM is generating it."""
     async with httpx.AsyncClient(timeout=60) as client:
         if stream:
+            # A token event is the proof it runs (vLLM's running gauge can lag a request that it
+            # generates in seconds: seen reading 0 for a whole one).
             async with client.stream("POST", url, json=body) as response:
-                async for _ in response.aiter_lines():
-                    if await asyncio.to_thread(vllm_sample, vllm, RUNNING) >= 1:
+                async for line in response.aiter_lines():
+                    if '"content":"' in line:
                         return  # leaving the block closes the connection mid-stream
-            raise AssertionError("the stream ended before vLLM reported it running")
+            raise AssertionError("the stream ended before its first token")
+        # vLLM's request log (enable-log-requests) is the proof it took the request.
+        added = _logged(vllm, "Added request")
         task = asyncio.create_task(client.post(url, json=body))
         deadline = time.monotonic() + 60  # a failure bound only
-        while await asyncio.to_thread(vllm_sample, vllm, RUNNING) < 1:
+        while await asyncio.to_thread(_logged, vllm, "Added request") == added:
             if task.done():
-                raise AssertionError(f"the request ended before vLLM reported it running: {task.result()}")
-            assert time.monotonic() < deadline, "the request never started running"
+                raise AssertionError(f"the request ended before vLLM logged it: {task.result()}")
+            assert time.monotonic() < deadline, "vLLM never logged the request"
         task.cancel()
+
+
+def _logged(vllm: RunningServer, what: str) -> int:
+    """How many of vLLM's log lines say `what` (its request log is on in the session's server)."""
+    return vllm.log_path.read_text(errors="replace").count(what)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "non-streaming"])
 def test_client_leaving_aborts_vllm(proxy_server: Service, vllm_server: RunningServer, stream: bool) -> None:
-    """vLLM's own counters prove it: the request stops short of its 2 x 1,900 forced tokens (seconds
+    """vLLM's own log and counters prove it: it logs the abort, the request stops short of its 2 x 1,900 forced tokens (seconds
     of work on the CPU) and is never counted finished. Unaborted, it would run to its length."""
     body = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 1900, "min_tokens": 1900, "n": 2,
             "stream": stream}
     generated, finished = vllm_sample(vllm_server, GENERATED), vllm_sample(vllm_server, FINISHED)
+    aborted = _logged(vllm_server, "Aborted request")
     asyncio.run(_leave_once_running(f"{proxy_server.base_url}/v1/chat/completions", body, vllm_server, stream))
+    wait_until(lambda: _logged(vllm_server, "Aborted request") > aborted, 60, "vLLM to log the abort")
     wait_until(lambda: vllm_sample(vllm_server, RUNNING) == 0, 60, "vLLM to run nothing")
     assert vllm_sample(vllm_server, FINISHED) == finished, "the request finished: nothing aborted it"
     assert vllm_sample(vllm_server, GENERATED) - generated < 2 * 1900
