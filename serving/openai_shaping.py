@@ -80,7 +80,7 @@ def _qwen_compat(body: dict[str, Any]) -> None:
         for item in stop:
             if isinstance(item, int):
                 ids.append(item)
-            elif len(item) == 1 and isinstance(item[0], int) and not isinstance(item[0], bool):
+            elif len(item) == 1 and _is_int(item[0]):
                 ids.append(item[0])
             else:
                 raise ApiError(400, "'stop' as token ids: each entry must be one token id; send "
