@@ -9,8 +9,8 @@ server a alone, and one per routing policy with a and b. Then, per workload shap
 multi-turn workload (benchmarks/conversations.py) through each proxy, each run on fresh prompts
 (a new seed: vLLM keeps what it cached in earlier runs), scraping every vLLM's /metrics, and prints
 side by side: the prefix-cache hit rate over the servers, requests per server and max / mean,
-TTFT p50 / p99, and issue 14's targets on the history-dominated shape. Results: one JSON per
-run and a summary under --results-dir.
+TTFT p50 / p99, the proxy's routing decisions by reason, and issue 14's targets on the
+history-dominated shape. Results: one JSON per run and a summary under --results-dir.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import random
 import re
 import sys
@@ -31,7 +32,7 @@ from benchmarks import loadgen, report
 from benchmarks.client import Endpoint
 from benchmarks.conversations import SHAPES, Shape
 from benchmarks.loadgen import Pattern
-from benchmarks.processes import Stack, free_port
+from benchmarks.processes import Cores, Stack, free_port
 from benchmarks.routing_report import POLICIES, SINGLE, row, side_by_side, targets
 from benchmarks.runner import BenchConfig, BenchError
 from benchmarks.runner import run as run_benchmark
@@ -48,15 +49,18 @@ def proxy_config(profile: str, port: int, backends: list[str], policy: str | Non
     return {"listen": {"host": "127.0.0.1", "port": port}, "models": [model]}
 
 
-def start_backends(stack: Stack, profile: str, given: list[str]) -> list[str]:
+def start_backends(stack: Stack, profile: str, given: list[str], cores: Cores | None) -> list[str]:
     """Base URLs of two vLLM servers: the given ones, then as many started as are missing."""
     urls = [url.rstrip("/") for url in given]
     python = sys.executable
     while len(urls) < len(BACKEND_NAMES):
         port = free_port()
-        print(f"starting vLLM {BACKEND_NAMES[len(urls)]} ({profile}) on port {port}", flush=True)
+        index = len(urls)
+        where = f", CPU {cores.describe(index)}" if cores else ""
+        print(f"starting vLLM {BACKEND_NAMES[index]} ({profile}) on port {port}{where}", flush=True)
         stack.start([python, "-m", "deploy", "serve", profile, "--port", str(port)],
-                    f"http://127.0.0.1:{port}/health", timeout=600)
+                    f"http://127.0.0.1:{port}/health", timeout=600,
+                    env=cores.env(index) if cores else None, cpus=set(cores.servers[index]) if cores else None)
         urls.append(f"http://127.0.0.1:{port}")
     return urls
 
@@ -112,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="tiny-qwen3", help="model profile of the servers (default %(default)s)")
     parser.add_argument("--backend-url", action="append", default=[], dest="backend_urls",
                         help="a running vLLM server to use as a (then b) instead of starting one; repeatable")
+    parser.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
+                        help="let the started vLLM servers, the proxies and the load generator share every "
+                        "core (default: kept apart, see benchmarks/processes.py's Cores)")
     parser.add_argument("--session-header", help="send each conversation's id in this header, e.g. x-session-id")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -129,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
         stack = Stack(Path(tmp))
         try:
-            backends = start_backends(stack, args.profile, args.backend_urls)
+            cores = Cores.plan(sorted(os.sched_getaffinity(0)), len(BACKEND_NAMES)) if args.bind_cores else None
+            backends = start_backends(stack, args.profile, args.backend_urls, cores)
+            if cores is not None:  # this process and the proxies it starts: off the servers' cores
+                print(f"proxies and load generator on CPU {','.join(map(str, cores.client))}", flush=True)
+                os.sched_setaffinity(0, set(cores.client))
             warm_up(backends, load_profile(args.profile).served_model_name)
             proxies = start_proxies(stack, Path(tmp), args.profile, backends, args.policies)
             summary["backends"] = dict(zip(BACKEND_NAMES, backends, strict=True))

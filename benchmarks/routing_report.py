@@ -13,9 +13,11 @@ POLICIES = ("least_in_flight", "prefix_affinity")
 
 
 def row(setup: str, result: dict[str, Any], path: str) -> dict[str, Any]:
-    """What the comparison needs from one setup's results (its only run)."""
+    """What the comparison needs from one setup's results (its only run), the proxy's routing
+    decisions during it included (qwen_proxy_routing_decisions_total by reason)."""
     [run] = result["runs"]
     summary = run.get("backends") or {}
+    proxy: dict[str, Any] = next((s for s in run.get("server_metrics", []) if s.get("kind") == "proxy"), {})
     per = summary.get("per_backend", {})
     return {
         "setup": setup,
@@ -29,6 +31,7 @@ def row(setup: str, result: dict[str, Any], path: str) -> dict[str, Any]:
         "requests_max_over_mean": summary.get("requests_max_over_mean") if len(per) > 1 else None,
         "median_ttft_ms": run["median_ttft_ms"],
         "p99_ttft_ms": run["p99_ttft_ms"],
+        "routing_decisions": proxy.get("routing_decisions", {}),
         "results": path,
     }
 
@@ -43,6 +46,8 @@ ROWS: list[tuple[str, Any]] = [
     ("requests per vLLM", lambda r: " / ".join(f"{n} {v:.0f}" for n, v in r["requests_per_backend"].items())),
     ("requests max / mean", lambda r: _num(r["requests_max_over_mean"], ".2f")),
     ("TTFT p50 / p99 (ms)", lambda r: f"{_num(r['median_ttft_ms'], '.0f')} / {_num(r['p99_ttft_ms'], '.0f')}"),
+    ("proxy routing decisions", lambda r: " / ".join(f"{n} {v:.0f}" for n, v in r["routing_decisions"].items())
+     or "-"),
     ("completed / failed", lambda r: f"{r['completed']} / {r['failed']}"),
     ("seed", lambda r: str(r["seed"])),
 ]

@@ -55,6 +55,8 @@ PEAK_GAUGES = {
     "sglang:num_queue_reqs": "peak_requests_waiting",
 }
 MODEL_LABELS = ("model_name", "model")
+# The proxy's routing decisions are kept per reason (name:reason), not summed.
+ROUTING_DECISIONS = "qwen_proxy_routing_decisions_total"
 _LABELLED = re.compile(r"^([A-Za-z0-9_.-]+)=(https?://.+)$")
 
 
@@ -77,7 +79,10 @@ def parse(text: str, models: frozenset[str]) -> dict[str, float]:
             label = next((sample.labels[k] for k in MODEL_LABELS if k in sample.labels), None)
             if models and label is not None and label not in models:
                 continue
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            name = sample.name
+            if name == ROUTING_DECISIONS:
+                name = f"{name}:{sample.labels.get('reason', '')}"
+            totals[name] = totals.get(name, 0.0) + sample.value
     return totals
 
 
@@ -183,6 +188,10 @@ class Scraper:
         for name, key in PEAK_GAUGES.items():
             if name in self.peaks:
                 out[key] = self.peaks[name]
+        if kind == "proxy":
+            decided = {name.split(":", 1)[1]: value - self.before.get(name, 0.0)
+                       for name, value in self.after.items() if name.startswith(ROUTING_DECISIONS + ":")}
+            out["routing_decisions"] = {reason: n for reason, n in sorted(decided.items()) if n}
         if kind == "sglang" and "prompt_tokens" in out:
             out["prefix_cache_queries"] = out["prompt_tokens"]
         if kind in ENGINE_COUNTERS and out.get("prefix_cache_queries"):

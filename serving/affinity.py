@@ -3,10 +3,12 @@
 A request's key is its session (the `x-session-id` header, or the OpenAI `user` field) or else
 the start of its prompt: for chat, the leading messages up to and including the first user
 message (every turn of a conversation re-sends them); for completions, the leading text. Keys
-are placed on a consistent-hash ring of the backends; a backend carrying more than
-(1 + epsilon) x the mean requests in flight is passed over for the next on the ring (consistent
-hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam 2017), so affinity never melts
-one replica, and a backend that is down hands its keys to the next one until it returns.
+are placed on a consistent-hash ring of the backends with bounded loads (Mirrokni, Thorup and
+Zadimoghaddam 2017): a new key passes over a backend holding more than (1 + epsilon) x the mean
+of the keys placed, and any request a backend carrying more than (1 + epsilon) x the mean
+requests in flight and more than `headroom` above it, for the next on the ring
+(serving/routing.py keeps the placements), so affinity never melts one replica, and a backend
+that is down hands its keys to the next one until it returns.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ PREFIX_BYTES = 16 * 1024
 VIRTUAL_NODES = 64  # ring points per backend: an even share of keys each
 
 
-class Loaded(Protocol):
+class Placed(Protocol):
     url: str
-    in_flight: int
 
 
 def _hash(data: bytes) -> int:
@@ -74,7 +75,7 @@ def request_key(body: dict[str, Any], chat: bool, session: bytes | None) -> int 
     return None
 
 
-B = TypeVar("B", bound=Loaded)
+B = TypeVar("B", bound=Placed)
 
 
 class Ring(Generic[B]):
@@ -103,7 +104,8 @@ class Ring(Generic[B]):
                     return
 
 
-def capacity(healthy: Sequence[Loaded], epsilon: float) -> int:
-    """Most requests a backend may carry, the new one included: ceil((1 + eps) x mean)."""
-    total = sum(b.in_flight for b in healthy) + 1
-    return math.ceil((1 + epsilon) * total / len(healthy))
+def capacity(loads: Sequence[int], epsilon: float, headroom: int = 0) -> int:
+    """Most a backend may carry (requests in flight, or keys placed), the new one included:
+    ceil((1 + eps) x mean), or ceil(mean) + headroom if that is more."""
+    mean = (sum(loads) + 1) / len(loads)
+    return max(math.ceil((1 + epsilon) * mean), math.ceil(mean) + headroom)

@@ -37,8 +37,13 @@ class Timeouts(Strict):
 
 class Affinity(Strict):
     epsilon: float = Field(
-        default=0.25, gt=0, le=10, description="Bounded load: a backend with more than (1 + epsilon) x the mean "
-        "requests in flight is passed over for the next one on the ring.")
+        default=0.25, gt=0, le=10, description="Bounded load: a backend holding more than (1 + epsilon) x the mean "
+        "of the keys placed takes no new key, and one carrying more than (1 + epsilon) x the mean requests "
+        "in flight (and more than headroom above it) no request; each goes to the next one on the ring.")
+    headroom: int = Field(
+        default=8, ge=0, le=10_000, description="Requests in flight a backend may carry above the mean before a "
+        "request of a key it holds goes elsewhere, however small (1 + epsilon) x the mean is: an engine batches "
+        "a few more requests at little cost, while another replica re-prefills the conversation's whole history.")
     session_header: str = Field(
         default="x-session-id", pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
         description="Request header whose value keys a session to one backend; the OpenAI `user` field "

@@ -65,9 +65,10 @@ class Metrics:
         # Each worker checks every backend; the latest check wins.
         self.backend_up = Gauge(f"{p}_backend_up", "1 when the backend's /health answers 200",
                                 ["model", "backend"], registry=registry, multiprocess_mode="livemostrecent")
-        self.routing = Counter(f"{p}_routing_decisions", "Why each request went to its backend: affinity (the "
-                               "key's own backend, or the one it overflowed to before), overflow (it was over the load bound), failover (it was "
-                               "down), least_in_flight (no key, or that policy)", ["model", "reason"],
+        self.routing = Counter(f"{p}_routing_decisions", "Why each request went to its backend: affinity (where "
+                               "its key was placed: its prefix is cached there), new (a key not seen before, placed within the "
+                               "bound on keys), overflow (its backend was over the in-flight bound: the key moves), failover "
+                               "(its backend was down: the key stays), least_in_flight (no key, or that policy)", ["model", "reason"],
                                registry=registry)
         self.rejected = Counter(f"{p}_rejected_requests", "Requests refused before reaching a backend",
                                 ["reason"], registry=registry)

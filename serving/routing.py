@@ -25,10 +25,10 @@ from serving.upstream import Upstream
 
 # The targets of the shaped routes: their URLs are built once per backend.
 CACHED_TARGETS = frozenset({"/v1/chat/completions", "/v1/completions"})
-REASONS = ("affinity", "overflow", "failover", "least_in_flight")
-# Overflowed keys remembered per model (least recently used forgotten first): bounded memory
-# whatever the clients send.
-MOVED_KEYS = 65_536
+REASONS = ("affinity", "new", "overflow", "failover", "least_in_flight")
+# Keys remembered per model with the backend they were placed on (least recently used forgotten
+# first): bounded memory whatever the clients send.
+PLACED_KEYS = 65_536
 
 
 @dataclass(eq=False)
@@ -36,6 +36,7 @@ class Backend:
     url: str
     healthy: bool = False
     in_flight: int = 0
+    keys: int = 0  # prefix-affinity keys placed here (ModelBackends' table)
     _urls: dict[str, URL] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,12 +62,13 @@ class ModelBackends:
         self.metrics = metrics
         self.affinity = entry.routing == "prefix_affinity"
         self.epsilon = entry.affinity.epsilon
+        self.headroom = entry.affinity.headroom
         self.session_header = entry.affinity.session_header.encode()
         self.backends: list[Backend] = []
         self.resolved: dict[str, list[str]] = {}  # each configured URL -> its backends' URLs (DNS)
         self._ring: Ring[Backend] = Ring([])
-        # Keys that overflowed, and the backend they went to: their prefix is cached there now.
-        self._moved: OrderedDict[int, Backend] = OrderedDict()
+        # Each key seen, and the backend holding its prefix (where it was placed or moved to).
+        self._placed: OrderedDict[int, Backend] = OrderedDict()
         self._turn = 0
         self._decisions = {reason: metrics.routing.labels(model, reason) for reason in REASONS}
 
@@ -77,6 +79,10 @@ class ModelBackends:
                 self.metrics.backend_up.remove(self.model, gone.url)
         self.backends = kept
         self._ring = Ring(kept)
+        staying = set(kept)
+        for key, backend in list(self._placed.items()):
+            if backend not in staying:  # its cache left with it: placed afresh when seen again
+                del self._placed[key]
 
     def pick(self, exclude: set[Backend], key: int | None) -> Backend | None:
         healthy = [b for b in self.backends if b.healthy and b not in exclude]
@@ -90,32 +96,49 @@ class ModelBackends:
         return chosen
 
     def _by_key(self, key: int, healthy: list[Backend]) -> tuple[Backend, str]:
-        limit = capacity(healthy, self.epsilon)
+        limit = capacity([b.in_flight for b in healthy], self.epsilon, self.headroom)
         usable = set(healthy)
-        moved = self._moved.get(key)
-        if moved is not None:
-            # A conversation that overflowed stays where it went while that backend has room: going
-            # back would re-prefill its whole history, the cost affinity is there to avoid; the
-            # move is what rebalances a lumpy ring.
-            if moved in usable and moved.in_flight + 1 <= limit:
-                self._moved.move_to_end(key)
-                return moved, "affinity"
-            del self._moved[key]
-        reason = "affinity"
+        home = self._placed.get(key)
+        if home is not None:
+            if home in usable and home.in_flight + 1 <= limit:
+                self._placed.move_to_end(key)
+                return home, "affinity"
+            # Down (or failed this request): the next on the ring serves it and the key stays home,
+            # to come back when home recovers. Full: it moves, and stays where its history now is.
+            moving = home in usable
+            reason = "overflow" if moving else "failover"
+            chosen = self._first_with_room(key, usable - {home}, limit, healthy)
+            if moving:
+                self._place(key, chosen)
+            return chosen, reason
+        # A key not seen before (or forgotten): no backend has its prefix yet, so it is placed for
+        # balance, on its ring owner unless that one already holds more than (1 + epsilon) x the
+        # mean of the keys placed (consistent hashing with bounded loads, counted in keys): a
+        # handful of conversations then splits evenly, which in-flight bounds alone do not make.
+        keys = capacity([b.keys for b in healthy], self.epsilon)
+        fits = {b for b in healthy if b.keys + 1 <= keys}
+        chosen = self._first_with_room(key, fits or usable, limit, healthy)
+        self._place(key, chosen)
+        return chosen, "new"
+
+    def _first_with_room(self, key: int, allowed: set[Backend], limit: int, healthy: list[Backend]) -> Backend:
+        """The first backend on the key's ring walk that is allowed and under the in-flight bound."""
         for backend in self._ring.walk(key):
-            if backend not in usable:
-                reason = "failover" if reason == "affinity" else reason  # its owner is down or failed
-                continue
-            if backend.in_flight + 1 > limit:
-                reason = "overflow" if reason == "affinity" else reason
-                continue
-            if reason == "overflow":
-                self._moved[key] = backend
-                if len(self._moved) > MOVED_KEYS:
-                    self._moved.popitem(last=False)
-            return backend, reason
-        # Unreachable while capacity >= the mean; kept so a rounding edge can never refuse a request.
-        return self._least_in_flight(healthy), reason
+            if backend in allowed and backend.in_flight + 1 <= limit:
+                return backend
+        # Every allowed one is full (or none is allowed: the key's home was the only usable one):
+        # the least loaded takes it, so a rounding edge can never refuse a request.
+        return self._least_in_flight([b for b in healthy if b in allowed] or healthy)
+
+    def _place(self, key: int, backend: Backend) -> None:
+        before = self._placed.pop(key, None)
+        if before is not None:
+            before.keys -= 1
+        self._placed[key] = backend
+        backend.keys += 1
+        if len(self._placed) > PLACED_KEYS:
+            _, oldest = self._placed.popitem(last=False)
+            oldest.keys -= 1
 
     def _least_in_flight(self, healthy: list[Backend]) -> Backend:
         least = min(b.in_flight for b in healthy)

@@ -69,6 +69,26 @@ def test_per_backend_requests_and_the_overall_hit_rate() -> None:
     assert summary["requests_max_over_mean"] == pytest.approx(30 / 20)
 
 
+def proxy_text(requests: int, decisions: dict[str, int], model: str = "tiny-qwen3") -> str:
+    lines = ["# TYPE qwen_proxy_requests counter",
+             f'qwen_proxy_requests_total{{model="{model}",route="chat",status="200"}} {requests}.0',
+             "# TYPE qwen_proxy_routing_decisions counter"]
+    lines += [f'qwen_proxy_routing_decisions_total{{model="{model}",reason="{reason}"}} {n}.0'
+              for reason, n in decisions.items()]
+    return "\n".join([*lines, ""])
+
+
+def test_the_proxys_routing_decisions_are_counted_per_reason_over_the_run() -> None:
+    proxy = scraped("proxy", proxy_text(4, {"new": 4, "affinity": 0, "overflow": 0}),
+                    proxy_text(84, {"new": 20, "affinity": 62, "overflow": 2}))
+    report = proxy.report()
+    assert report["kind"] == "proxy" and report["requests"] == 80
+    assert report["routing_decisions"] == {"affinity": 62, "new": 16, "overflow": 2}  # none of 0 listed
+    both = scraped("proxy", proxy_text(0, {"new": 0}) + proxy_text(0, {"new": 0}, "qwq-32b"),
+                   proxy_text(3, {"new": 3}) + proxy_text(9, {"new": 9}, "qwq-32b"))
+    assert both.report()["routing_decisions"] == {"new": 3}  # another model's decisions are not this run's
+
+
 def test_no_vllm_scraped_no_backends() -> None:
     assert backends([{"url": "p", "kind": "proxy", "requests": 3}]) is None
 

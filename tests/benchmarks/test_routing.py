@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from benchmarks.conversations import Shape
+from benchmarks.processes import Cores
 from benchmarks.routing import proxy_config
 from benchmarks.routing_report import SINGLE, row, side_by_side, targets
 from deploy.paths import REPO_ROOT
@@ -31,20 +32,33 @@ def test_generated_proxy_config_is_what_the_proxy_loads(policy: str) -> None:
     assert single.models[0].backends == ["http://127.0.0.1:8100"]
 
 
+def test_servers_get_cores_of_their_own_and_the_client_side_the_rest() -> None:
+    two = Cores.plan([0, 1], 2)  # this machine: the two servers share one, the client side the other
+    assert two == Cores(((0,), (0,)), (1,)) and two.env(1) == {"VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert Cores.plan([0, 1, 2, 3], 2) == Cores(((0,), (1,)), (2, 3))
+    assert Cores.plan([4, 5, 6], 2) == Cores(((4,), (5,)), (6,))  # the cores this process may use
+    assert Cores.plan([0, 1], 1) == Cores(((0,),), (1,))
+    assert Cores.plan([3], 2) is None  # one core: nothing to keep apart
+
+
 def fake_result(seed: int, per_backend: dict[str, tuple[float, float | None]], hit_rate: float | None,
-                balance: float | None, ttft: float) -> dict[str, Any]:
+                balance: float | None, ttft: float, decisions: dict[str, float] | None = None) -> dict[str, Any]:
     per = {name: {"requests": requests, "prefix_cache_queries": 1.0, "prefix_cache_hits": 0.0,
                   "prefix_cache_hit_rate": rate} for name, (requests, rate) in per_backend.items()}
+    proxy = {"kind": "proxy", "name": "proxy", "requests": 80.0, "routing_decisions": decisions or {}}
     return {"runs": [{"seed": seed, "completed": 80, "failed": 0, "conversations_completed": 16,
                       "median_ttft_ms": ttft, "p99_ttft_ms": ttft * 3,
+                      "server_metrics": [{"kind": "vllm", "name": name} for name in per_backend] + [proxy],
                       "backends": {"per_backend": per, "prefix_cache_hit_rate": hit_rate,
                                    "requests_max_over_mean": balance}}]}
 
 
 ROWS = [
     row(SINGLE, fake_result(1, {"a": (80, 0.68)}, 0.68, 1.0, 377.0), "one.json"),
-    row("least_in_flight", fake_result(2, {"a": (41, 0.5), "b": (39, 0.48)}, 0.49, 1.025, 483.0), "lif.json"),
-    row("prefix_affinity", fake_result(3, {"a": (44, 0.7), "b": (36, 0.66)}, 0.68, 1.1, 390.0), "pa.json"),
+    row("least_in_flight", fake_result(2, {"a": (41, 0.5), "b": (39, 0.48)}, 0.49, 1.025, 483.0,
+                                       {"least_in_flight": 80}), "lif.json"),
+    row("prefix_affinity", fake_result(3, {"a": (44, 0.7), "b": (36, 0.66)}, 0.68, 1.1, 390.0,
+                                       {"affinity": 62, "new": 16, "overflow": 2}), "pa.json"),
 ]
 
 
@@ -55,7 +69,7 @@ def test_rows_carry_the_compared_figures() -> None:
                    "conversations_completed": 16, "prefix_cache_hit_rate": 0.49,
                    "requests_per_backend": {"a": 41, "b": 39}, "hit_rate_per_backend": {"a": 0.5, "b": 0.48},
                    "requests_max_over_mean": 1.025, "median_ttft_ms": 483.0, "p99_ttft_ms": 1449.0,
-                   "results": "lif.json"}
+                   "routing_decisions": {"least_in_flight": 80}, "results": "lif.json"}
 
 
 def test_side_by_side_has_one_column_per_setup() -> None:
@@ -68,6 +82,8 @@ def test_side_by_side_has_one_column_per_setup() -> None:
     assert table["requests per vLLM"] == ["a", "80", "a", "41", "/", "b", "39", "a", "44", "/", "b", "36"]
     assert table["requests max / mean"] == ["-", "1.02", "1.10"]
     assert table["TTFT p50 / p99 (ms)"] == ["377", "/", "1131", "483", "/", "1449", "390", "/", "1170"]
+    assert table["proxy routing decisions"] == ["-", "least_in_flight", "80", "affinity", "62", "/", "new", "16",
+                                                "/", "overflow", "2"]
 
 
 def test_targets_say_which_hold() -> None:
@@ -113,3 +129,7 @@ def test_benchmark_runs_every_setup_and_shape(vllm_server: RunningServer, tmp_pa
     assert seeds == list(range(100, 106))                              # fresh prompts every run
     assert len(summary["shapes"]["history"]["targets"]) == 4
     assert "prefix-cache hit rate (all vLLMs)" in done.stdout and "requests max / mean" in done.stdout
+    for shape in summary["shapes"].values():  # the proxy's decisions, the warm-up's excluded
+        decided = {r["setup"]: r["routing_decisions"] for r in shape["setups"]}
+        assert decided["least_in_flight"] == {"least_in_flight": 4}
+        assert sum(decided["prefix_affinity"].values()) == 4 and decided["prefix_affinity"]["new"] == 2

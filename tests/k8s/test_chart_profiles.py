@@ -147,7 +147,8 @@ def test_proxy_settings_reach_the_proxy_config(tmp_path: Path) -> None:
                                   "proxy.limits.maxBodyBytes=2048", "proxy.limits.requestsPerMinutePerKey=120",
                                   "proxy.drainSeconds=12", "proxy.healthIntervalSeconds=7",
                                   "proxy.timeouts.firstByteSeconds=90", "proxy.routing.policy=least_in_flight",
-                                  "proxy.routing.sessionHeader=x-conversation", "proxy.dnsRefreshSeconds=11"])
+                                  "proxy.routing.sessionHeader=x-conversation", "proxy.dnsRefreshSeconds=11",
+                                  "proxy.routing.headroom=3"])
     config = load_config(_load_rendered_proxy_config(docs, tmp_path))
     assert config.workers == 3
     assert (config.limits.client_idle_seconds, config.limits.max_body_bytes,
@@ -156,8 +157,8 @@ def test_proxy_settings_reach_the_proxy_config(tmp_path: Path) -> None:
     assert len(config.models) == 2
     assert {entry.timeouts.first_byte_seconds for entry in config.models} == {90}
     assert {entry.routing for entry in config.models} == {"least_in_flight"}
-    assert {(entry.affinity.epsilon, entry.affinity.session_header) for entry in config.models} == {
-        (0.5, "x-conversation")}
+    assert {(entry.affinity.epsilon, entry.affinity.headroom, entry.affinity.session_header)
+            for entry in config.models} == {(0.5, 3, "x-conversation")}
     assert config.retries.max_attempts == 5
     assert config.forward_paths == ["/v1/embeddings", "/v1/classify"]
     assert {entry.hub_id_name for entry in config.models} == {None}

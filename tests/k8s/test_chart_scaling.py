@@ -155,6 +155,7 @@ def test_autoscaling_per_model_and_query_override() -> None:
     (["engine.autoscaling.maxReplica=3"], "additional properties 'maxReplica' not allowed"),
     (["proxy.routing.policy=round_robin"], "/proxy/routing/policy"),
     (["proxy.routing.epsilon=0"], "/proxy/routing/epsilon"),
+    (["proxy.routing.headroom=-1"], "/proxy/routing/headroom"),
     (["proxy.routing.sessionHeader=X-Session-Id"], "/proxy/routing/sessionHeader"),
     (["proxy.dnsRefreshSeconds=0"], "/proxy/dnsRefreshSeconds"),
 ])

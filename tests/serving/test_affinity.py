@@ -10,7 +10,6 @@ from serving.affinity import Ring, capacity, request_key
 @dataclass(eq=False)
 class Node:
     url: str
-    in_flight: int = 0
 
 
 def chat(*messages: tuple[str, str], **extra: object) -> dict[str, object]:
@@ -69,7 +68,10 @@ def test_removing_a_backend_moves_only_its_own_keys() -> None:
     assert min(shares) > 50  # 400 keys over 4 backends: nobody starved (virtual nodes spread them)
 
 
-def test_capacity_is_ceil_of_one_plus_epsilon_times_the_mean_with_the_new_request() -> None:
-    assert capacity([Node("a", 1), Node("b", 0)], 0.25) == 2  # ceil(1.25 x 2 / 2)
-    assert capacity([Node("a", 2), Node("b", 0)], 0.25) == 2  # ceil(1.25 x 3 / 2) = ceil(1.875)
-    assert capacity([Node("a", 0)], 0.25) == 2  # ceil(1.25): one backend always has room
+def test_capacity_is_ceil_of_one_plus_epsilon_times_the_mean_with_the_new_one() -> None:
+    assert capacity([1, 0], 0.25) == 2  # ceil(1.25 x 2 / 2)
+    assert capacity([2, 0], 0.25) == 2  # ceil(1.25 x 3 / 2) = ceil(1.875)
+    assert capacity([0], 0.25) == 2  # ceil(1.25): one backend always has room
+    assert capacity([9, 6], 0.25) == 10  # 16 keys over two: at most 10 on one
+    assert capacity([5, 2], 0.25, headroom=8) == 12  # ceil(8 / 2) + 8: more than 1.25 x the mean allows
+    assert capacity([400, 399], 0.25, headroom=8) == 500  # at load, epsilon's bound is the larger

@@ -78,7 +78,7 @@ def test_each_conversation_stays_on_one_backend(pair: Callable[..., tuple[Servic
     places = [owner(backends, conversation) for conversation in range(40)]
     assert all(len(place) == 1 for place in places), places
     assert {place[0] for place in places} == {0, 1}  # 40 conversations hashed: both get some
-    assert decisions(service, "affinity") == 160
+    assert decisions(service, "new") == 40 and decisions(service, "affinity") == 120
 
 
 def test_a_session_id_or_user_keeps_different_prompts_together(
@@ -108,14 +108,14 @@ def test_a_backend_that_is_down_hands_its_conversations_over_and_gets_them_back(
     wait_until(lambda: metric(service, up) == 1, 30, "the proxy to see the backend up again")
     turn(service, 7, 3)
     assert firsts(backends[home]).count("conversation 7: first question") == 2  # back home
-    assert decisions(service, "affinity") == 2
+    assert decisions(service, "new") == 1 and decisions(service, "affinity") == 1
 
 
 def test_a_backend_over_the_load_bound_overflows_to_the_next(
         pair: Callable[..., tuple[Service, list[Service]]]) -> None:
-    """epsilon 0.25, two backends: with two of one conversation in flight on its backend, a third
-    would put it over ceil(1.25 x 3 / 2) = 2, so it goes to the other."""
-    service, backends = pair(affinity={"epsilon": 0.25})
+    """epsilon 0.25, no headroom, two backends: with two of one conversation in flight on its
+    backend, a third would put it over ceil(1.25 x 3 / 2) = 2, so it goes to the other."""
+    service, backends = pair(affinity={"epsilon": 0.25, "headroom": 0})
     turn(service, 3, 1)
     home = owner(backends, 3)[0]
 
