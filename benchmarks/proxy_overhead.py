@@ -5,7 +5,10 @@ reach), side by side.
     python -m benchmarks.proxy_overhead [--concurrency 1 16 64 256] [--seconds 6] [--rounds 2]
 
 Starts a scripted SSE upstream (cheap, paced like vLLM on a GPU: --gap-ms between events, every
-running stream's event in the same step as from vLLM's engine, so the proxies' own cost dominates), the tiny model on vLLM's CPU build (sharing the cores), and the proxy and the bare relay in front of each;
+running stream's event in the same step as from vLLM's engine, so the proxies' own cost dominates)
+and the tiny model on vLLM's CPU build, the upstream on a core of its own and the rest on the
+others (benchmarks/processes.py's Cores; --no-bind-cores shares them all), and the proxy and
+the bare relay in front of each;
 then for every concurrency alternates direct, proxied and bare-relay rounds (the machine is
 noisy: rotating the order keeps the ratios fair), each client keeping its connections as real
 clients do, and prints added TTFT (p50, p99), tokens/s through each relay as a fraction of direct
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.processes import Stack, free_port
+from benchmarks.processes import Cores, Stack, free_port
 from deploy.profile import load_profile
 
 TOKENS_PER_REQUEST = 64
@@ -173,11 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pacing", choices=["steps", "streams"], default="steps",
                         help="steps: the scripted upstream's streams share one step clock, as vLLM's engine gives "
                              "every running request a token per step; streams: each stream on its own timer")
+    parser.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
+                        help="let the upstream share every core with the relays and the load generator (default: "
+                        "the upstream on a core of its own, as vLLM on a GPU box does not run on the proxy's CPU)")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.concurrency) or args.seconds <= 0 or args.rounds < 1 or args.gap_ms < 0:
         parser.error("concurrency >= 1, seconds > 0, rounds >= 1 and gap-ms >= 0")
 
     python = sys.executable
+    cores = Cores.plan(sorted(os.sched_getaffinity(0)), 1) if args.bind_cores else None
+    if cores is not None:  # this process and the relays it starts: off the upstream's core
+        os.sched_setaffinity(0, set(cores.client))
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="proxy-overhead-") as tmp:
         stack = Stack(Path(tmp))
@@ -189,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                     pacing = ["--engine-steps"] if args.pacing == "steps" and args.gap_ms else []
                     stack.start([python, "-m", "benchmarks.scripted_upstream", "--port", str(port),
                                  "--delay-ms", str(args.gap_ms), *pacing],
-                                f"{upstream}/health")
+                                f"{upstream}/health", cpus=set(cores.servers[0]) if cores else None)
                 else:
                     stack.start([python, "-m", "deploy", "serve", "tiny-qwen3", "--port", str(port)],
-                                f"{upstream}/health")
+                                f"{upstream}/health", env=cores.env(0) if cores else None,
+                                cpus=set(cores.servers[0]) if cores else None)
                 stack.start([python, "-m", "serving", "--backend", f"tiny-qwen3={upstream}",
                              "--port", str(proxy_port)], f"http://127.0.0.1:{proxy_port}/ready")
                 proxy_pid = stack.processes[-1].pid
@@ -206,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(_row(kind, concurrency, cells), flush=True)
         finally:
             stack.stop()
-    print(f"\nmachine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}; "
+    where = (f"upstream on CPU {cores.describe(0)}, relays and load generator on CPU "
+             f"{','.join(map(str, cores.client))}" if cores else "every process on every CPU")
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs "
+          f"({where}), Python {platform.python_version()}; "
           f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode, scripted "
           f"upstream {args.gap_ms:g} ms between events ({args.pacing} pacing); "
           "d/p/b = direct / proxy / bare relay")
@@ -236,9 +249,6 @@ def _row(kind: str, concurrency: int, cells: dict[str, Cell]) -> str:
             f"{ratio(proxied):>6.2f} {ratio(bare):>6.2f} {'/'.join(events(c) for c in (direct, proxied, bare)):>17} "
             f"{errors:>6} {proxied.cpu_us_per_event:>18.1f} {bare.cpu_us_per_event:>6.1f} {cpu_ratio:>5.2f}")
 
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":
