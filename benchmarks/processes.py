@@ -13,7 +13,7 @@ from deploy.health import http_ok, wait_until
 from deploy.host import free_port
 from deploy.paths import REPO_ROOT
 
-__all__ = ["Cores", "Stack", "free_port"]
+__all__ = ["Cores", "Stack", "cpu_list", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,12 @@ class Cores:
 
     def env(self, index: int) -> dict[str, str]:
         """vLLM's own binding of its compute threads to server `index`'s cores."""
-        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, self.servers[index]))}
+        return {"VLLM_CPU_OMP_THREADS_BIND": cpu_list(self.servers[index])}
 
-    def describe(self, index: int) -> str:
-        return ",".join(map(str, self.servers[index]))
+
+def cpu_list(cpus: tuple[int, ...]) -> str:
+    """CPU ids as vLLM's VLLM_CPU_OMP_THREADS_BIND and taskset write them: 0,1."""
+    return ",".join(map(str, cpus))
 
 
 class Stack:

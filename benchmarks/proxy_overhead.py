@@ -33,7 +33,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.processes import Cores, Stack, free_port
+from benchmarks.processes import Cores, Stack, cpu_list, free_port
 from deploy.profile import load_profile
 
 TOKENS_PER_REQUEST = 64
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(_row(kind, concurrency, cells), flush=True)
         finally:
             stack.stop()
-    where = (f"upstream on CPU {cores.describe(0)}, relays and load generator on CPU "
-             f"{','.join(map(str, cores.client))}" if cores else "every process on every CPU")
+    where = (f"upstream on CPU {cpu_list(cores.servers[0])}, relays and load generator on CPU "
+             f"{cpu_list(cores.client)}" if cores else "every process on every CPU")
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs "
           f"({where}), Python {platform.python_version()}; "
           f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode, scripted "
@@ -248,7 +248,6 @@ def _row(kind: str, concurrency: int, cells: dict[str, Cell]) -> str:
     return (f"{kind:<9} {concurrency:>7} {p50:>22} {added:>+6.1f} {p99:>22} {direct.tokens_per_second:>12.0f} "
             f"{ratio(proxied):>6.2f} {ratio(bare):>6.2f} {'/'.join(events(c) for c in (direct, proxied, bare)):>17} "
             f"{errors:>6} {proxied.cpu_us_per_event:>18.1f} {bare.cpu_us_per_event:>6.1f} {cpu_ratio:>5.2f}")
-
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from benchmarks import loadgen, report
 from benchmarks.client import Endpoint
 from benchmarks.conversations import SHAPES, Shape
 from benchmarks.loadgen import Pattern
-from benchmarks.processes import Cores, Stack, free_port
+from benchmarks.processes import Cores, Stack, cpu_list, free_port
 from benchmarks.routing_report import POLICIES, SINGLE, row, side_by_side, targets
 from benchmarks.runner import BenchConfig, BenchError
 from benchmarks.runner import run as run_benchmark
@@ -56,7 +56,7 @@ def start_backends(stack: Stack, profile: str, given: list[str], cores: Cores | 
     while len(urls) < len(BACKEND_NAMES):
         port = free_port()
         index = len(urls)
-        where = f", CPU {cores.describe(index)}" if cores else ""
+        where = f", CPU {cpu_list(cores.servers[index])}" if cores else ""
         print(f"starting vLLM {BACKEND_NAMES[index]} ({profile}) on port {port}{where}", flush=True)
         stack.start([python, "-m", "deploy", "serve", profile, "--port", str(port)],
                     f"http://127.0.0.1:{port}/health", timeout=600,
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             cores = Cores.plan(sorted(os.sched_getaffinity(0)), len(BACKEND_NAMES)) if args.bind_cores else None
             backends = start_backends(stack, args.profile, args.backend_urls, cores)
             if cores is not None:  # this process and the proxies it starts: off the servers' cores
-                print(f"proxies and load generator on CPU {','.join(map(str, cores.client))}", flush=True)
+                print(f"proxies and load generator on CPU {cpu_list(cores.client)}", flush=True)
                 os.sched_setaffinity(0, set(cores.client))
             warm_up(backends, load_profile(args.profile).served_model_name)
             proxies = start_proxies(stack, Path(tmp), args.profile, backends, args.policies)
