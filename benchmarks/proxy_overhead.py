@@ -218,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     where = (f"upstream on CPU {cpu_list(cores.servers[0])}, relays and load generator on CPU "
              f"{cpu_list(cores.client)}" if cores else "every process on every CPU")
+    scripted = (f"scripted upstream {args.gap_ms:g} ms between events ({args.pacing} pacing); "
+                if "scripted" in args.upstreams else "")
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs "
           f"({where}), Python {platform.python_version()}; "
-          f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode, scripted "
-          f"upstream {args.gap_ms:g} ms between events ({args.pacing} pacing); "
+          f"{TOKENS_PER_REQUEST} tokens per request, {args.seconds:.0f} s per cell and mode; {scripted}"
           "d/p/b = direct / proxy / bare relay")
     return 0
 

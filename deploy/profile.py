@@ -7,6 +7,7 @@ YAML. Unknown keys are errors: a typo in a profile must not be silently ignored.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +87,11 @@ class SamplingDefaults(Strict):
 
     def as_request_fields(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+    @cached_property
+    def filled(self) -> dict[str, Any]:
+        """`as_request_fields()` once: the proxy fills these on every request (read, never changed)."""
+        return self.as_request_fields()
 
 
 class Sampling(Strict):

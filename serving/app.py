@@ -21,6 +21,7 @@ from serving.exchange import Exchange
 from serving.http_io import (
     CLOSE,
     ClientGone,
+    Hangup,
     Headers,
     Incoming,
     Receive,
@@ -54,6 +55,7 @@ class ProxyApp:
                  registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.routes: dict[str, Route] = build_routes(config)
+        self._known_models = ", ".join(sorted(self.routes))
         self.metrics = Metrics(registry or CollectorRegistry())
         by_entry: dict[int, ModelBackends] = {}
         self.backends: dict[str, ModelBackends] = {}
@@ -76,7 +78,7 @@ class ProxyApp:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.upstream = upstream = Upstream()
+        self.upstream = upstream = Upstream(self.config.health_interval_seconds)
         await asyncio.gather(*(refresh(upstream, model) for model in self.models))  # resolve, then check
         skipped = ThrottledLog()
         self._tasks = [
@@ -194,7 +196,7 @@ class ProxyApp:
                 if backends.affinity and path in SHAPED else None
             exchange = Exchange(self.metrics, self.upstream, route, backends, target, shaped, raw, start, key,
                                 self.config.retries.max_attempts, self.exhausted_log, self._closing())
-            status = await self._until_client_leaves(exchange, receive, send)
+            status = await self._until_client_leaves(exchange, incoming.hangup, send)
         except ApiError as exc:
             status = exc.status
             await send_json(send, exc.status, exc.body(), exc.headers, close=self.draining)
@@ -203,29 +205,22 @@ class ProxyApp:
         finally:
             self.metrics.answered(model_label, route_label, status, time.perf_counter() - start)
 
-    async def _until_client_leaves(self, exchange: Exchange, receive: Receive, send: Send) -> int:
+    async def _until_client_leaves(self, exchange: Exchange, hangup: Hangup, send: Send) -> int:
         """Run the exchange; if the client disconnects first, cancel it (which closes the backend
         request, so vLLM aborts it) and answer nothing."""
         task = asyncio.current_task()
         assert task is not None
-        done = False
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass  # the body was read whole: only the disconnect can come
-            if not done:
-                task.cancel()
-
-        watcher = asyncio.create_task(watch())
+        if hangup.fired:
+            return CLIENT_CLOSED  # gone since its body was read
+        hangup.callback = task.cancel
         try:
             return await exchange.run(send)
         except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+            if hangup.fired and task.uncancel() == 0:
                 return CLIENT_CLOSED  # our own cancel: the client left
             raise
         finally:
-            done = True
-            watcher.cancel()
+            hangup.callback = None
 
     async def _body(self, incoming: Incoming, receive: Receive) -> bytes:
         limit = self.config.limits.max_body_bytes
@@ -251,19 +246,17 @@ class ProxyApp:
 
     def _route_for(self, data: dict[str, Any]) -> Route:
         model = data.get("model")
-        known = ", ".join(sorted(self.routes))
+        route = self.routes.get(model) if isinstance(model, str) else None
+        if route is not None:
+            return route
+        self.metrics.rejected.labels("invalid").inc()
+        known = self._known_models
         if model is None:
-            self.metrics.rejected.labels("invalid").inc()
             raise ApiError(400, f"'model' is required; known models: {known}", param="model")
         if not isinstance(model, str):
-            self.metrics.rejected.labels("invalid").inc()
             raise ApiError(400, f"'model' must be a string; known models: {known}", param="model")
-        route = self.routes.get(model)
-        if route is None:
-            self.metrics.rejected.labels("invalid").inc()
-            raise ApiError(404, f"model {model!r} does not exist; known models: {known}",
-                           param="model", code="model_not_found")
-        return route
+        raise ApiError(404, f"model {model!r} does not exist; known models: {known}",
+                       param="model", code="model_not_found")
 
     def _models_listing(self) -> bytes:
         created = int(time.time())

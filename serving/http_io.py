@@ -23,14 +23,37 @@ CLOSE = (b"connection", b"close")
 UNSAFE_IN_PATH = re.compile("[\x00-\x20\x7f]")  # control characters and space
 
 
+# scope["extensions"] key of a request's Hangup (serving/http_protocol.py puts one in every scope).
+HANGUP = "qwen.hangup"
+
+
 class ClientGone(Exception):
     """The client closed its connection before the proxy answered."""
+
+
+class Hangup:
+    """What happens if the client's connection is lost before its answer is complete.
+
+    The application sets `callback` while it works on the request (to cancel that work: the backend
+    request then closes, so vLLM aborts it); the protocol calls it from `connection_lost`. No task
+    per request waits on `receive()` for the disconnect."""
+
+    __slots__ = ("callback", "fired")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], object] | None = None
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        if self.callback is not None:
+            self.callback()
 
 
 class Incoming:
     """One request's line and headers, from the ASGI scope (names are lower case there)."""
 
-    __slots__ = ("headers", "http10", "method", "path", "query", "raw_path")
+    __slots__ = ("hangup", "headers", "http10", "method", "path", "query", "raw_path")
 
     def __init__(self, scope: Scope) -> None:
         self.http10 = scope["http_version"] == "1.0"  # no chunked coding: no streamed answers
@@ -39,6 +62,7 @@ class Incoming:
         self.raw_path: bytes = scope["raw_path"]  # as received: what is forwarded
         self.query: bytes = scope["query_string"]
         self.headers: Headers = scope["headers"]
+        self.hangup: Hangup = scope["extensions"][HANGUP]
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

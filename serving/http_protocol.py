@@ -9,7 +9,9 @@ HTTP. This subclass adds what uvicorn leaves to a proxy in front of it:
   headers, past every check made on those);
 - a connection holding part of a request, or nothing at all, for `client_idle_seconds` is
   closed (uvicorn's keep-alive timer only runs after a response);
-- protocol upgrades refused with 400.
+- protocol upgrades refused with 400;
+- a lost connection reaches the request's handler at once (the `Hangup` in its scope), rather
+  than through a task per request waiting on `receive()`.
 A refusal is answered in order: after the answers to the requests before it, then the
 connection closes. Errors are JSON in OpenAI's shape, like every other answer.
 """
@@ -24,6 +26,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.errors import error_body
+from serving.http_io import HANGUP, Hangup
 
 log = logging.getLogger("serving")
 
@@ -60,7 +63,11 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_idle()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # uvicorn's mark: lost before the answer completed
+            hangup: Hangup = cycle.scope["extensions"][HANGUP]  # type: ignore[assignment]  # ours, not a dict
+            hangup.fire()
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
@@ -91,6 +98,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     # ---- parser callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {HANGUP: Hangup()}  # type: ignore[dict-item]  # uvicorn types extensions as dicts
         self._in_head = True
         self._head_bytes = self._unfinished_bytes = 0
 

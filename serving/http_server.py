@@ -10,6 +10,7 @@ than a refused connection. A second signal exits at once.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -101,6 +102,10 @@ async def serve(app: ProxyApp, share_port: bool) -> None:
     sock = bind(listen.host, listen.port, share_port)  # before startup: a taken port fails fast
     server = ProxyServer(uvicorn_config(app), app)
     await app.startup()
+    # The startup heap (config, profiles, metrics, imported modules) is never garbage: out of the
+    # collector's full passes while serving, as vLLM's API server does with its own (freeze_gc_heap).
+    gc.collect()
+    gc.freeze()
     who = f"worker {os.getpid()} " if share_port else ""
     print(f"qwen proxy {who}listening on http://{listen.host}:{listen.port} "
           f"(models: {', '.join(sorted(app.routes))})", flush=True)

@@ -1,8 +1,9 @@
-"""A histogram for observations made on the event loop thread, many per request.
+"""A histogram for observations made on the event loop thread: per request, and many per request.
 
 prometheus-client's Histogram takes a lock and validates on every `observe`; the proxy observes
-once per streamed token, always from the one event-loop thread, so a plain list of bucket counts
-does the same bookkeeping at a fraction of the cost. Exposed through the same registry.
+each request's duration and every streamed token's timing, always from the one event-loop thread,
+so a plain list of bucket counts does the same bookkeeping at a fraction of the cost. Exposed
+through the same registry.
 """
 
 from __future__ import annotations

@@ -30,23 +30,23 @@ class Metrics:
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV)
         p = PREFIX
 
-        def per_token(name: str, documentation: str, buckets: Sequence[float]) -> Any:
-            # Observed per streamed token on the event loop: the lock-free histogram, unless the
-            # observations must reach the other workers' scrapes (prometheus-client's file-backed one).
+        def on_loop(name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Any:
+            # Observed on the event loop, per request or per streamed token: the lock-free histogram, unless
+            # the observations must reach the other workers' scrapes (prometheus-client's file-backed one).
             if self.multiprocess_dir:
-                return Histogram(name, documentation, ["model"], buckets=buckets, registry=registry)
-            return LoopHistogram(name, documentation, ["model"], buckets, registry)
+                return Histogram(name, documentation, labels, buckets=buckets, registry=registry)
+            return LoopHistogram(name, documentation, labels, buckets, registry)
 
         self.requests = Counter(f"{p}_requests", "Requests answered, by model, route and status class",
                                 ["model", "route", "status_class"], registry=registry)
-        self.duration = Histogram(f"{p}_request_duration_seconds", "Request time until the last byte",
-                                  ["model", "route"], buckets=DURATION_BUCKETS, registry=registry)
-        self.ttft = per_token(f"{p}_time_to_first_token_seconds", "Time to the first streamed token",
-                              LATENCY_BUCKETS)
-        self.ttfat = per_token(f"{p}_time_to_first_answer_token_seconds",
-                               "Time to the first answer token (after any reasoning)", LATENCY_BUCKETS)
-        self.itl = per_token(f"{p}_inter_token_latency_seconds", "Gap between streamed token events",
-                             TOKEN_GAP_BUCKETS)
+        self.duration = on_loop(f"{p}_request_duration_seconds", "Request time until the last byte",
+                                ["model", "route"], DURATION_BUCKETS)
+        self.ttft = on_loop(f"{p}_time_to_first_token_seconds", "Time to the first streamed token", ["model"],
+                            LATENCY_BUCKETS)
+        self.ttfat = on_loop(f"{p}_time_to_first_answer_token_seconds",
+                             "Time to the first answer token (after any reasoning)", ["model"], LATENCY_BUCKETS)
+        self.itl = on_loop(f"{p}_inter_token_latency_seconds", "Gap between streamed token events", ["model"],
+                           TOKEN_GAP_BUCKETS)
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens (backend usage)", ["model"],
                                      registry=registry)
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Completion tokens (backend usage)",

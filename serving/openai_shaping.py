@@ -21,6 +21,8 @@ IGNORED_BY_VLLM_CHAT = ("audio", "function_call", "functions", "metadata", "moda
                         "prediction", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
                         "safety_identifier", "service_tier", "store", "verbosity", "web_search_options")
 IGNORED_BY_VLLM_COMPLETIONS = ("best_of",)
+OWN_RULES = frozenset({"max_tokens", "chat_template_kwargs"})  # defaults filled by rules of their own
+QWEN_COMPAT_FIELDS = frozenset({"enable_search", "incremental_output", "result_format", "stop"})
 
 
 @dataclass
@@ -105,6 +107,8 @@ def _history_reasoning_for_sglang(body: dict[str, Any]) -> None:
 
 def _ignored_fields(body: dict[str, Any], chat: bool) -> list[str]:
     names = IGNORED_BY_VLLM_CHAT if chat else IGNORED_BY_VLLM_COMPLETIONS
+    if body.keys().isdisjoint(names):  # the usual request: one pass in C, not a lookup per name
+        return []
     return [f"'{name}' is ignored by this deployment (vLLM does not implement it)"
             for name in names if body.get(name) is not None]
 
@@ -112,7 +116,8 @@ def _ignored_fields(body: dict[str, Any], chat: bool) -> list[str]:
 def shape(body: dict[str, Any], sampling: Sampling, chat: bool, engine: str = "vllm") -> Shaped:
     for name, kind in TYPED_FIELDS:
         _expect(body, name, kind)
-    _qwen_compat(body)
+    if not body.keys().isdisjoint(QWEN_COMPAT_FIELDS):
+        _qwen_compat(body)
     applied: list[str] = []
     # The lists are vLLM's (held to its request models by a test); SGLang's differ, so no claim there.
     warnings: list[str] = _ignored_fields(body, chat) if engine == "vllm" else []
@@ -125,13 +130,13 @@ def shape(body: dict[str, Any], sampling: Sampling, chat: bool, engine: str = "v
         kwargs.setdefault("enable_thinking", thinking)
         body["chat_template_kwargs"] = kwargs
 
-    defaults = sampling.defaults.as_request_fields()
-    template_defaults = defaults.pop("chat_template_kwargs", None)
-    max_tokens = defaults.pop("max_tokens", None)
+    defaults = sampling.defaults.filled
     for name, value in defaults.items():
-        if body.get(name) is None:
+        if name not in OWN_RULES and body.get(name) is None:
             body[name] = value
             applied.append(name)
+    max_tokens = defaults.get("max_tokens")
+    template_defaults = defaults.get("chat_template_kwargs")
     if max_tokens is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = max_tokens
         applied.append("max_tokens")

@@ -9,13 +9,14 @@ alias the client asked for, or to drop the usage event the client did not ask fo
 from __future__ import annotations
 
 import json
-import time
 from json.decoder import scanstring  # type: ignore[attr-defined]  # the C string scanner json uses
+from time import perf_counter
 from typing import Any
 
 from serving.metrics import Metrics
 
 EVENT_END = b"\n\n"
+CHUNK_END = b"]}\n\n"  # a chunk event ending with its `choices` list
 DONE = b"data: [DONE]"
 REASONING_KEY = '"reasoning":"'
 REASONING_MARK = REASONING_KEY.encode()
@@ -108,6 +109,11 @@ class StreamRelay:
         if self._pending:
             data = self._pending + data
             self._pending = b""
+        if data.endswith(CHUNK_END):
+            # The read ends with a chunk whose last key is `choices`, as vLLM writes them. The end of
+            # the stream (the usage event, ending with its usage, then [DONE]) comes after every
+            # chunk, so it is not in this read: the two scans for it are skipped.
+            return self._buffer(data)
         if not data.endswith(EVENT_END):
             end = data.rfind(EVENT_END)
             if end == -1:
@@ -115,9 +121,12 @@ class StreamRelay:
                 return b""
             self._pending = data[end + 2:]
             data = data[: end + 2]
-        if USAGE_MARK in data or DONE in data:
+        # `find` rather than `in` for every scan here: `in` on bytes first tries its operand as an
+        # int (raising and clearing a TypeError), which costs more than scanning an event.
+        usage, done = data.find(USAGE_MARK), data.find(DONE)
+        if usage != -1 or done != -1:
             # The end of the stream is in this read: the events before it as one buffer, then one by one.
-            ending = min(at for at in (data.find(USAGE_MARK), data.find(DONE)) if at != -1)
+            ending = done if usage == -1 else usage if done == -1 else min(usage, done)
             before = data.rfind(EVENT_END, 0, ending)
             if before == -1:
                 return self._events(data)
@@ -128,11 +137,11 @@ class StreamRelay:
         """Whole events none of which ends the stream: copied, touched only where they must change."""
         # Every `"reasoning":"`, `"content":"`, ... is a key: a JSON string escapes its quotes.
         reasoning = 0
-        if REASONING_PREFIX in complete:  # one scan for both names; answer-only reads skip the rest
+        if complete.find(REASONING_PREFIX) != -1:  # one scan for both names; answer-only reads skip the rest
             reasoning = complete.count(REASONING_MARK)
             if reasoning:
                 complete = add_reasoning_content(complete)
-            elif REASONING_CONTENT_MARK in complete:
+            elif complete.find(REASONING_CONTENT_MARK) != -1:
                 reasoning = complete.count(REASONING_CONTENT_MARK)
                 complete = add_reasoning(complete)
         if self._completions:
@@ -186,13 +195,15 @@ class StreamRelay:
     def _tokens(self, count: int, answer: bool) -> None:
         """`count` token events read at once: the first after the gap since the last, the rest
         arrived with it (a gap of 0)."""
-        now = time.perf_counter()
-        if self._last_token is None:
+        now = perf_counter()
+        last = self._last_token
+        if last is None:
             self._ttft.observe(now - self.start)
         else:
-            self._itl.observe(now - self._last_token)
-        for _ in range(count - 1):
-            self._itl.observe(0.0)
+            self._itl.observe(now - last)
+        if count > 1:
+            for _ in range(count - 1):
+                self._itl.observe(0.0)
         self._last_token = now
         if answer and not self._first_answer:
             self._first_answer = True

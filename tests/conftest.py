@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 # Re-exported (the `as` form says so to mypy): many tests import these two from here.
 from deploy.health import http_ok as http_ok  # noqa: PLC0414
@@ -23,6 +24,10 @@ from deploy.paths import GENERATED_MODELS_DIR, REPO_ROOT
 from deploy.profile import Profile, load_profile
 
 STARTUP_TIMEOUT = 300.0
+
+# No per-example deadline: with one, a property test's outcome would depend on how busy the machine is.
+settings.register_profile("untimed", deadline=None)
+settings.load_profile("untimed")
 
 
 def free_port() -> int:

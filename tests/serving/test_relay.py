@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from hypothesis import given
@@ -129,6 +130,42 @@ def test_several_events_in_one_read_are_timed_one_by_one() -> None:
     itl = metrics.registry.get_sample_value("qwen_proxy_inter_token_latency_seconds_count", {"model": "c"})
     assert itl == 1.0  # two text tokens; the empty one is not a token
 
+
+
+@functools.cache
+def vllm_stream() -> bytes:
+    """A chat stream rendered by the pinned vLLM's own response classes, as its server writes them."""
+    from vllm.entrypoints.generate.base.protocol import DeltaMessage
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionResponseStreamChoice,
+        ChatCompletionStreamResponse,
+    )
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+    def chunk(delta: DeltaMessage, finish: str | None = None) -> bytes:
+        choice = ChatCompletionResponseStreamChoice(index=0, delta=delta, logprobs=None, finish_reason=finish)
+        response = ChatCompletionStreamResponse(id="chatcmpl-1", created=1, model="m", choices=[choice])
+        return b"data: " + response.model_dump_json(exclude_unset=True).encode() + b"\n\n"
+
+    usage = ChatCompletionStreamResponse(id="chatcmpl-1", created=1, model="m", choices=[],
+                                         usage=UsageInfo(prompt_tokens=3, completion_tokens=3, total_tokens=6),
+                                         system_fingerprint=None)
+    return (chunk(DeltaMessage(role="assistant", content="")) + chunk(DeltaMessage(reasoning="r"))
+            + chunk(DeltaMessage(content=" a")) + chunk(DeltaMessage(content=" b"), finish="length")
+            + b"data: " + usage.model_dump_json(exclude_unset=True, exclude_none=True).encode() + b"\n\n" + DONE)
+
+
+@given(st.integers(1, 900))
+def test_vllms_own_events_in_any_reads(size: int) -> None:
+    """Reads that end with one of vLLM's chunks skip the search for the end of the stream: its usage
+    event and [DONE] are still found, however the stream is cut."""
+    stream = vllm_stream()
+    assert stream.count(b"]}\n\n") == 4  # the chunks end with their choices, the usage event does not
+    r, metrics = relay(drop_usage=True)
+    out = b"".join(r.feed(stream[i:i + size]) for i in range(0, len(stream), size)) + r.leftover()
+    assert b'"usage"' not in out and out.endswith(DONE) and r.saw_done
+    assert (r.usage.prompt, r.usage.completion) == (3, 3)
+    assert counts(metrics) == (1.0, 2.0, 1.0)  # three tokens: the reasoning one first, then two answers
 
 SGLANG_REASONING = (b'data: {"choices":[{"index":0,"delta":{"role":null,"content":null,"reasoning_content":"a \\"b\\""},'
                     b'"finish_reason":null,"matched_stop":null}],"usage":null}\n\n')

@@ -110,9 +110,11 @@ def test_a_health_check_the_proxy_cannot_make_keeps_what_was_known(upstream: Cal
         from serving.upstream import LocalExhausted, Upstream
 
         async def main():
-            upstream = Upstream()
             base = URL("{backend.base_url}")
-            assert await upstream.healthy(base) is True
+            up = Upstream()  # the backend is up (this one's kept-alive probe connection then closes)
+            assert await up.healthy(base) is True
+            await up.close()
+            upstream = Upstream()
             resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, 4096))
             held = []
             try:
