@@ -16,7 +16,7 @@ from typing import Any
 from serving.metrics import Metrics
 
 EVENT_END = b"\n\n"
-CHUNK_END = b"]}\n\n"  # a chunk event ending with its `choices` list
+CHUNK_END = b"}]}\n\n"  # an event ending with a non-empty `choices` list: never the usage event (choices [])
 DONE = b"data: [DONE]"
 REASONING_KEY = '"reasoning":"'
 REASONING_MARK = REASONING_KEY.encode()
@@ -110,9 +110,9 @@ class StreamRelay:
             data = self._pending + data
             self._pending = b""
         if data.endswith(CHUNK_END):
-            # The read ends with a chunk whose last key is `choices`, as vLLM writes them. The end of
-            # the stream (the usage event, ending with its usage, then [DONE]) comes after every
-            # chunk, so it is not in this read: the two scans for it are skipped.
+            # The read ends with a chunk whose last key is a non-empty `choices`, as vLLM writes them.
+            # The end of the stream (the usage event, whose choices are empty, then [DONE]) comes after
+            # every chunk, so it is not in this read: the two scans for it are skipped.
             return self._buffer(data)
         if not data.endswith(EVENT_END):
             end = data.rfind(EVENT_END)

@@ -30,7 +30,7 @@ async def probed(health: int, drop_reused: bool, probes: int,
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     upstream = Upstream(health_interval=interval)
     try:
         results = [await upstream.healthy(URL(f"http://127.0.0.1:{port}")) for _ in range(probes)]

@@ -131,7 +131,6 @@ def test_several_events_in_one_read_are_timed_one_by_one() -> None:
     assert itl == 1.0  # two text tokens; the empty one is not a token
 
 
-
 @functools.cache
 def vllm_stream() -> bytes:
     """A chat stream rendered by the pinned vLLM's own response classes, as its server writes them."""
@@ -160,12 +159,23 @@ def test_vllms_own_events_in_any_reads(size: int) -> None:
     """Reads that end with one of vLLM's chunks skip the search for the end of the stream: its usage
     event and [DONE] are still found, however the stream is cut."""
     stream = vllm_stream()
-    assert stream.count(b"]}\n\n") == 4  # the chunks end with their choices, the usage event does not
+    assert stream.count(b"}]}\n\n") == 4  # the chunks end with their choices, the usage event does not
     r, metrics = relay(drop_usage=True)
     out = b"".join(r.feed(stream[i:i + size]) for i in range(0, len(stream), size)) + r.leftover()
     assert b'"usage"' not in out and out.endswith(DONE) and r.saw_done
     assert (r.usage.prompt, r.usage.completion) == (3, 3)
     assert counts(metrics) == (1.0, 2.0, 1.0)  # three tokens: the reasoning one first, then two answers
+
+
+def test_a_usage_event_with_its_choices_last_still_ends_the_stream() -> None:
+    """An engine may write the usage event's (empty) choices after its usage: the read still ends
+    the stream, though it ends with `]}`."""
+    usage_last_choices = b'data: {"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"choices":[]}\n\n'
+    r, _ = relay(drop_usage=True)
+    assert r.feed(CONTENT) == CONTENT
+    assert r.feed(usage_last_choices) == b""
+    assert (r.usage.prompt, r.usage.completion) == (3, 2)
+
 
 SGLANG_REASONING = (b'data: {"choices":[{"index":0,"delta":{"role":null,"content":null,"reasoning_content":"a \\"b\\""},'
                     b'"finish_reason":null,"matched_stop":null}],"usage":null}\n\n')
