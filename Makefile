@@ -77,7 +77,7 @@ $(SGLANG_STAMP): $(SGLANG_REQUIREMENTS)
 tiny-model: $(TINY_MODEL) ## Generate the tiny CPU Qwen3 model into .cache/models (no download)
 
 # Made again when its generator changes (the generator also checks a stamp of its own source).
-$(TINY_MODEL): deploy/tiny_model.py | $(STAMP)
+$(TINY_MODEL): deploy/tiny/model.py | $(STAMP)
 	$(PY) -m deploy tiny-model
 	touch $@
 
@@ -85,7 +85,7 @@ $(TINY_MODEL): deploy/tiny_model.py | $(STAMP)
 tiny-lora: $(TINY_LORA) ## Generate the tiny model's LoRA adapter (peft, no download) into .cache/models
 
 # Made again when its generator or the tiny model's changes (both stamped, as above).
-$(TINY_LORA): deploy/tiny_lora.py deploy/tiny_model.py | $(STAMP)
+$(TINY_LORA): deploy/tiny/lora.py deploy/tiny/model.py | $(STAMP)
 	$(PY) -m deploy tiny-lora
 	touch $@
 

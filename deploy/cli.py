@@ -8,10 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from deploy import chart, ray_cli
+from deploy import chart
 from deploy.errors import DeployError
 from deploy.paths import GENERATED_MODELS_DIR
 from deploy.profile import Profile, known_profiles, load_profile
+from deploy.ray import cli as ray_cli
 
 
 def _profiles(args: argparse.Namespace) -> list[Profile]:
@@ -166,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from deploy.tiny_model import generate
+    from deploy.tiny.model import generate
 
     out = generate(args.out, force=args.force)
     print(out)
@@ -174,7 +175,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_lora(args: argparse.Namespace) -> int:
-    from deploy.tiny_lora import generate
+    from deploy.tiny.lora import generate
 
     out = generate(args.out, base=args.base, force=args.force)
     print(out)

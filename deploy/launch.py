@@ -10,10 +10,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from deploy import ray_cluster, ray_preflight, sglang_engine
+from deploy import sglang_engine
 from deploy.errors import LaunchError
 from deploy.host import port_free, visible_gpus
 from deploy.profile import Profile
+from deploy.ray import cluster as ray_cluster
+from deploy.ray import preflight as ray_preflight
 from deploy.render import Command, server_command
 from deploy.supervise import Child, Supervisor
 
@@ -33,7 +35,7 @@ def ensure_model(profile: Profile) -> None:
     if path is not None and not (path / "config.json").is_file():
         if profile.generator != "tiny-qwen3":
             raise LaunchError(f"{profile.name}: model: no model at {path} (a local path: put the model there)")
-        from deploy.tiny_model import generate
+        from deploy.tiny.model import generate
 
         print(f"generating the tiny model into {path} (no download, ~5 s)", file=sys.stderr)
         generate(path)
@@ -45,7 +47,7 @@ def ensure_adapters(profile: Profile) -> None:
     for i, adapter in enumerate(profile.lora.adapters if profile.lora else []):
         path = adapter.path
         if adapter.generator == "tiny-lora" and path is not None and profile.model_path is not None:
-            from deploy import tiny_lora
+            from deploy.tiny import lora as tiny_lora
 
             if not tiny_lora.is_current(path):
                 print(f"generating the tiny LoRA adapter into {path} (peft, no download, ~10 s)", file=sys.stderr)

@@ -57,14 +57,14 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from deploy.tiny_model import generate
+    from deploy.tiny.model import generate
 
     return generate(GENERATED_MODELS_DIR / "tiny-qwen3")
 
 
 @pytest.fixture(scope="session")
 def tiny_lora_dir(tiny_model_dir: Path) -> Path:
-    from deploy.tiny_lora import generate
+    from deploy.tiny.lora import generate
 
     return generate(GENERATED_MODELS_DIR / "tiny-lora", base=tiny_model_dir)
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from deploy.launch import ensure_adapters
 from deploy.profile import load_profile
-from deploy.tiny_lora import GENERATOR_STAMP, RANK, generate
+from deploy.tiny.lora import GENERATOR_STAMP, RANK, generate
 
 
 def digest(directory: Path) -> dict[str, str]:

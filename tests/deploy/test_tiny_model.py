@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from deploy.tiny_model import SPECIAL_TOKENS, generate
+from deploy.tiny.model import SPECIAL_TOKENS, generate
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -50,7 +50,7 @@ def test_assistant_reasoning_is_rendered_like_qwen3(tiny_model_dir: Path) -> Non
 
 
 def test_a_model_from_an_older_generator_is_made_again(tmp_path: Path) -> None:
-    from deploy.tiny_model import GENERATOR_STAMP
+    from deploy.tiny.model import GENERATOR_STAMP
 
     out = generate(tmp_path / "tiny-qwen3")
     (out / GENERATOR_STAMP).write_text("an older generator")

@@ -17,7 +17,7 @@ import pytest
 from deploy.errors import LaunchError
 from deploy.paths import REPO_ROOT
 from deploy.profile import load_profile
-from deploy.ray_preflight import NodeFacts, check
+from deploy.ray.preflight import NodeFacts, check
 from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.e2e

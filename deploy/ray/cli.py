@@ -6,9 +6,9 @@ import argparse
 import logging
 import os
 
-from deploy import ray_cluster
 from deploy.errors import LaunchError
 from deploy.host import visible_gpus
+from deploy.ray import cluster as ray_cluster
 
 
 def cmd_head(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from deploy import tiny_model
 from deploy.paths import GENERATED_MODELS_DIR, REPO_ROOT
+from deploy.tiny import model as tiny_model
 
 RANK = 8
 ALPHA = 16
