@@ -53,7 +53,7 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# SGLang's own parser and ModelConfig, for validating SGLang profiles (deploy/sglang_probe.py).
+# SGLang's own parser and ModelConfig, for validating SGLang profiles (deploy/engines/sglang_probe.py).
 # Its version is named once, in the requirements file; SGLang itself goes in with --no-deps.
 SGLANG_REQUIREMENTS := deploy/sglang-requirements.txt
 SGLANG_PIN = $(shell grep -E '^sglang==' $(SGLANG_REQUIREMENTS))

@@ -117,8 +117,8 @@ def _describe_sglang(values: dict[str, object]) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the result
-    from deploy.check import check_profile
-    from deploy.check_sglang import check_sglang_profile
+    from deploy.engines.sglang_check import check_sglang_profile
+    from deploy.engines.vllm_check import check_profile
 
     results = []
     for profile in _profiles(args):

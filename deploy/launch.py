@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from deploy import sglang_engine
+from deploy.engines import sglang as sglang_engine
 from deploy.errors import LaunchError
 from deploy.host import port_free, visible_gpus
 from deploy.profile import Profile

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from deploy import sglang_engine
 from deploy.adapters import MaxLoraRank, verify_adapters
+from deploy.engines import sglang as sglang_engine
 from deploy.errors import ProfileError
 from deploy.paths import CONFIGS_DIR, MODELS_DIR, REPO_ROOT
 from deploy.typed_config import Strict, describe_errors

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from deploy import sglang_engine
+from deploy.engines import sglang as sglang_engine
 from deploy.profile import Profile
 
 # `python -m vllm.entrypoints.openai.api_server` works for both the GPU wheel (`vllm`) and the

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.check import check_profile
+from deploy.engines.vllm_check import check_profile
 from deploy.errors import CheckError
 from deploy.paths import REPO_ROOT
 from deploy.profile import load_profile

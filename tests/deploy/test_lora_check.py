@@ -14,8 +14,8 @@ from typing import get_args
 import pytest
 
 from deploy.adapters import MAX_LORA_RANKS
-from deploy.check import check_profile
 from deploy.cli import main
+from deploy.engines.vllm_check import check_profile
 from deploy.errors import CheckError
 from deploy.paths import REPO_ROOT
 from deploy.profile import load_profile

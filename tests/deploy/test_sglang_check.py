@@ -1,5 +1,5 @@
 """`deploy check` on SGLang profiles: the pinned SGLang's own parser, ModelConfig and rotary
-embedding judge the rendered argv (deploy/sglang_probe.py in .cache/sglang-venv, which
+embedding judge the rendered argv (deploy/engines/sglang_probe.py in .cache/sglang-venv, which
 `make test` builds). Each shipped SGLang profile is probed once per session (~10-30 s each)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deploy import sglang_engine
-from deploy.check_sglang import SglangEffective, check_sglang_profile
+from deploy.engines import sglang as sglang_engine
+from deploy.engines.sglang_check import SglangEffective, check_sglang_profile
 from deploy.errors import CheckError
 from deploy.paths import REPO_ROOT
 from deploy.profile import known_profiles, load_profile

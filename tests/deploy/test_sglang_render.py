@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy import sglang_engine
 from deploy.chart import CHART_PORT, chart_block
-from deploy.check_sglang import check_sglang_profile, effective_from_probe
+from deploy.engines import sglang as sglang_engine
+from deploy.engines.sglang_check import check_sglang_profile, effective_from_probe
 from deploy.errors import CheckError, LaunchError, ProfileError
 from deploy.launch import prepare
 from deploy.memory_plan import GIB, format_plan, load_gpu_types, plan_memory
@@ -155,7 +155,7 @@ def test_check_without_the_sglang_venv_says_how_to_make_it(tmp_path: Path) -> No
 
 
 def _probe_answer(rotary_class: str, positions: int, theta: float = 1000000.0) -> dict[str, object]:
-    """The shape deploy/sglang_probe.py prints (its keys; the values a YaRN override that did
+    """The shape deploy/engines/sglang_probe.py prints (its keys; the values a YaRN override that did
     not take would give)."""
     return {
         "ok": True, "sglang_version": sglang_engine.pinned_version(),

@@ -40,7 +40,7 @@ def sglang_docs() -> list[dict[str, Any]]:
 
 def test_the_sglang_pin_is_the_images_default() -> None:
     """values.yaml's SGLang image is the version deploy/sglang-requirements.txt pins for `deploy check`."""
-    from deploy.sglang_engine import pinned_version
+    from deploy.engines.sglang import pinned_version
 
     values = yaml.safe_load((REPO_ROOT / "k8s" / "qwen-serve" / "values.yaml").read_text())
     assert values["engine"]["images"]["sglang"]["tag"] == f"v{pinned_version()}"

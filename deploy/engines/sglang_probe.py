@@ -3,10 +3,10 @@
 Runs inside the SGLang venv (`make sglang-venv` -> .cache/sglang-venv/bin/python), never in the
 project's vLLM venv: it imports only the standard library, SGLang and what SGLang imports.
 
-    .cache/sglang-venv/bin/python deploy/sglang_probe.py --model-path configs/model-configs/qwq-32b \
+    .cache/sglang-venv/bin/python deploy/engines/sglang_probe.py --model-path configs/model-configs/qwq-32b \
         --context-length 131072 --skip-tokenizer-init --device cpu
-    echo '["--model-path", "...", "--tp-size", "2"]' | .cache/sglang-venv/bin/python deploy/sglang_probe.py
-    echo '{"argv": ["--model-path", "..."]}' | .cache/sglang-venv/bin/python deploy/sglang_probe.py
+    echo '["--model-path", "...", "--tp-size", "2"]' | .cache/sglang-venv/bin/python deploy/engines/sglang_probe.py
+    echo '{"argv": ["--model-path", "..."]}' | .cache/sglang-venv/bin/python deploy/engines/sglang_probe.py
 
 Steps: `sglang.srt.server_args.prepare_server_args(argv)` (SGLang's argparse parser and
 ServerArgs.__post_init__ checks), then `ModelConfig.from_server_args` against a model directory
@@ -31,8 +31,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-# Run as a script, Python puts this directory first on sys.path, where deploy/profile.py would
-# shadow the standard library's `profile` (torch imports cProfile): drop it.
+# Run as a script, Python puts this directory first on sys.path, where deploy/engines/sglang.py
+# would shadow SGLang itself: drop it.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 

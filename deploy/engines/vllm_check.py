@@ -158,9 +158,9 @@ def _check_lora(profile: Profile, namespace: argparse.Namespace, engine: Any, mo
 
 def check_profile(profile: Profile) -> Effective:
     """Parse the rendered args with vLLM and build its model config; raise CheckError on refusal.
-    (`engine: sglang` profiles go to deploy/check_sglang.py instead.)"""
+    (`engine: sglang` profiles go to deploy/engines/sglang_check.py instead.)"""
     if profile.engine != "vllm":
-        raise CheckError(f"{profile.name}: engine {profile.engine}: validated by SGLang's code (deploy.check_sglang)")
+        raise CheckError(f"{profile.name}: engine {profile.engine}: validated by SGLang's code (deploy.engines.sglang_check)")
     config_dir = profile.config_dir
     if config_dir is None or not (config_dir / "config.json").is_file():
         hint = "run `make tiny-model`" if profile.generator else "set offline_config to a directory under configs/"

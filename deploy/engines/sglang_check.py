@@ -1,7 +1,7 @@
 """Validate an `engine: sglang` profile with the pinned SGLang's own code.
 
 SGLang cannot share this venv (it pins another torch, transformers and openai), so the rendered
-argv goes to deploy/sglang_probe.py run by `.cache/sglang-venv/bin/python` (`make sglang-venv`)
+argv goes to deploy/engines/sglang_probe.py run by `.cache/sglang-venv/bin/python` (`make sglang-venv`)
 as a subprocess: an argv list, never a shell string. The probe runs SGLang's argument parser and
 ServerArgs checks, its ModelConfig against the profile's config.json (no weights, no tokenizer)
 and the rotary embedding SGLang's attention layers would build. The values returned are the
@@ -17,15 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy import sglang_engine
-from deploy.check import config_theta
+from deploy.engines import sglang as sglang_engine
+from deploy.engines.vllm_check import config_theta
 from deploy.errors import CheckError
 from deploy.paths import CACHE_DIR, REPO_ROOT
 from deploy.profile import Profile
 from deploy.render import engine_args
 
 SGLANG_PYTHON = CACHE_DIR / "sglang-venv" / "bin" / "python"
-PROBE = REPO_ROOT / "deploy" / "sglang_probe.py"
+PROBE = Path(__file__).with_name("sglang_probe.py")
 PROBE_TIMEOUT_S = 600.0  # ~10-30 s normally; a cold disk on a shared machine is slower
 YARN_EMBEDDING = "YaRNScalingRotaryEmbedding"
 
