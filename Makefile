@@ -147,7 +147,7 @@ status: install ## Show the Ray cluster: nodes, GPUs free/used, what is serving
 BENCH_ARGS ?=
 RATES ?= 1,2,4,8,16,32
 # vLLM's own port for MODEL (its /metrics is scraped next to the proxy's); PORT= overrides.
-VLLM_PORT = $(or $(PORT),$(shell $(PY) -c "from deploy.profile import load_profile; print(load_profile('$(MODEL)').port)"))
+VLLM_PORT = $(or $(PORT),$(shell $(PY) -c "from deploy.loader import load_profile; print(load_profile('$(MODEL)').port)"))
 BENCH := $(PY) -m benchmarks run --base-url http://127.0.0.1:$(PROXY_PORT) --model $(MODEL) \
 	--metrics-url http://127.0.0.1:$(PROXY_PORT)/metrics --metrics-url http://127.0.0.1:$(VLLM_PORT)/metrics
 

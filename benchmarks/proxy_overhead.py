@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.processes import Cores, Stack, cpu_list, free_port
-from deploy.profile import load_profile
+from deploy.loader import load_profile
 
 TOKENS_PER_REQUEST = 64
 RAMP_SECONDS = 2.0

@@ -36,7 +36,7 @@ from benchmarks.processes import Cores, Stack, cpu_list, free_port
 from benchmarks.routing_report import POLICIES, SINGLE, row, side_by_side, targets
 from benchmarks.runner import BenchConfig, BenchError
 from benchmarks.runner import run as run_benchmark
-from deploy.profile import load_profile
+from deploy.loader import load_profile
 
 BACKEND_NAMES = ("a", "b")
 

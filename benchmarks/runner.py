@@ -30,7 +30,8 @@ from benchmarks.server_metrics import Scraper, backends, split_metrics_url, stop
 from benchmarks.stats import Slo, conversations_completed, summarize, turn_figures
 from benchmarks.workloads import Lengths, RequestSpec, WorkloadError
 from deploy.errors import DeployError
-from deploy.profile import Profile, known_profiles, load_profile
+from deploy.loader import known_profiles, load_profile
+from deploy.profile import Profile
 
 SCHEMA_VERSION = 1
 

@@ -12,19 +12,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any
 
 from deploy.errors import ProfileError
-from deploy.paths import REPO_ROOT
-
-if TYPE_CHECKING:
-    from deploy.profile import Adapter, Profile
+from deploy.paths import is_hub_id, is_local, local_dir, shown
+from deploy.profile import MAX_LORA_RANKS, Adapter, Profile
 
 ADAPTER_CONFIG = "adapter_config.json"
-# The ranks vLLM 0.32's LoRAConfig accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks);
-# tests/deploy/test_check.py holds this to the pinned vLLM's list.
-MaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
-MAX_LORA_RANKS: tuple[int, ...] = get_args(MaxLoraRank)
 # Quantized releases of a model keep its name plus a suffix (Qwen3-4B-Instruct-2507-FP8,
 # QwQ-32B-AWQ, ...-GPTQ-Int4): an adapter trained on the full-precision model serves on them.
 _QUANT_SUFFIX = re.compile(
@@ -46,9 +40,9 @@ def read_adapter_config(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise ProfileError(f"{_shown(file)}: not a readable adapter config: {exc}") from None
+        raise ProfileError(f"{shown(file)}: not a readable adapter config: {exc}") from None
     if not isinstance(data, dict):
-        raise ProfileError(f"{_shown(file)}: expected a JSON object (peft's LoraConfig), got {type(data).__name__}")
+        raise ProfileError(f"{shown(file)}: expected a JSON object (peft's LoraConfig), got {type(data).__name__}")
     return data
 
 
@@ -60,8 +54,9 @@ def adapter_rank(config: dict[str, Any]) -> int | None:
 
 
 def _is_local(name: str) -> bool:
-    """A path rather than a hub id (`org/name`, or a bare legacy name like `gpt2`)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+    """A path rather than a hub id, in what a training tool wrote: the profile's rule, a home
+    directory (`~/...`), and anything not shaped like a hub id (`models/qwen/ckpt`)."""
+    return is_local(name) or name.startswith("~") or not is_hub_id(name)
 
 
 def _model_key(name: str) -> tuple[str | None, str]:
@@ -82,10 +77,6 @@ def _model_key(name: str) -> tuple[str | None, str]:
         model = shorter
 
 
-def _resolve(name: str) -> Path:
-    return (REPO_ROOT / Path(name).expanduser()).resolve()
-
-
 def same_model(trained_on: str, served: str) -> bool:
     """Whether an adapter's base_model_name_or_path names the profile's model.
 
@@ -93,15 +84,11 @@ def same_model(trained_on: str, served: str) -> bool:
     (a downloaded copy, a Hugging Face cache snapshot) holding that hub model; a quantized
     release (-FP8, -AWQ, ...) counts as its full-precision model.
     """
-    if _is_local(trained_on) and _is_local(served) and _resolve(trained_on) == _resolve(served):
+    if _is_local(trained_on) and _is_local(served) and local_dir(trained_on) == local_dir(served):
         return True
     org_a, model_a = _model_key(trained_on)
     org_b, model_b = _model_key(served)
     return model_a == model_b and (org_a is None or org_b is None or org_a == org_b)
-
-
-def _shown(path: Path) -> str:
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def verify_adapters(profile: Profile, source: str) -> None:
@@ -114,7 +101,7 @@ def verify_adapters(profile: Profile, source: str) -> None:
         if found is None:
             continue
         config = read_adapter_config(found)
-        file = _shown(found)
+        file = shown(found)
         key = f"lora.adapters[{i}].source ({adapter.name})"
         rank = adapter_rank(config)
         if rank is None:

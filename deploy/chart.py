@@ -21,9 +21,11 @@ from typing import Any
 
 import yaml
 
+from deploy.engines.registry import engine_for
 from deploy.errors import DeployError
+from deploy.loader import known_profiles, load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import Profile, known_profiles, load_profile
+from deploy.profile import Profile
 from deploy.render import server_command
 
 CHART_DIR = REPO_ROOT / "k8s" / "qwen-serve"
@@ -50,7 +52,7 @@ def chart_block(profile: Profile) -> dict[str, Any]:
         "name": profile.name,
         # vllm or sglang: which image runs `python -m <serverModule> <args>`.
         "engine": profile.engine,
-        "serverModule": command.argv[2],
+        "serverModule": engine_for(profile).server_module,
         "model": profile.model,
         "servedModelName": profile.served_model_name,
         "aliases": profile.alias_names,

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 from deploy import chart
+from deploy.engines.registry import engine_for
 from deploy.errors import DeployError
+from deploy.loader import known_profiles, load_profile
 from deploy.paths import GENERATED_MODELS_DIR
-from deploy.profile import Profile, known_profiles, load_profile
+from deploy.profile import Profile
 from deploy.ray import cli as ray_cli
 
 
@@ -47,90 +49,16 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_effective(values: dict[str, object]) -> str:
-    rope = "none"
-    if values["rope_type"] != "default":
-        rope = (f"{values['rope_type']} factor {values['rope_factor']} over "
-                f"{values['rope_original_max_position_embeddings']}")
-    skipped = values["access_log_excluded"]
-    rows = [
-        ("max_model_len", values["max_model_len"]),
-        ("rope scaling", rope),
-        ("rope theta", values["rope_theta"]),
-        ("dtype", values["dtype"]),
-        ("quantization", values["quantization"] or "none"),
-        ("kv cache dtype", values["kv_cache_dtype"]),
-        ("tensor x pipeline", f"{values['tensor_parallel_size']} x {values['pipeline_parallel_size']}"),
-        ("executor", values["executor_backend"]),
-        ("reasoning parser", values["reasoning_parser"] or "none"),
-        ("tool-call parser", values["tool_call_parser"] or "none"),
-        ("auto tool choice", values["enable_auto_tool_choice"]),
-        ("access log skips", ",".join(map(str, skipped)) if isinstance(skipped, list) and skipped else "nothing"),
-    ]
-    if values.get("lora_max_rank") is not None:
-        limits = (f"max rank {values['lora_max_rank']}, {values['lora_max_loras']} on the GPU at once, "
-                  f"{values['lora_max_cpu_loras']} in CPU memory, dtype {values['lora_dtype']}")
-        rows.append(("lora", limits))
-        adapters = values.get("lora_adapters")
-        for adapter in adapters if isinstance(adapters, list) else []:
-            rank = (f"rank {adapter['rank']}" if adapter["rank"] is not None
-                    else "a hub id: vLLM checks it when it downloads it")
-            rows.append(("adapter", f"{adapter['name']}: {adapter['path']} ({rank}), on {adapter['base']}"))
-    return "\n".join(f"  {name:<18} {value}" for name, value in rows)
-
-
-def _describe_sglang(values: dict[str, object]) -> str:
-    rope = "none"
-    if values["rope_type"] != "default":
-        rope = (f"{values['rope_type']} factor {values['rope_factor']} over "
-                f"{values['rope_original_max_position_embeddings']}")
-    skipped = values["access_log_excluded_prefixes"]
-    rows = [
-        ("context length", values["context_length"]),
-        ("rope scaling", rope),
-        ("rotary embedding", f"{values['rotary_embedding']} ({values['rotary_positions']} positions)"),
-        ("rope theta", values["rope_theta"]),
-        ("dtype", values["dtype"]),
-        ("quantization", values["quantization"] or "none"),
-        ("kv cache dtype", values["kv_cache_dtype"]),
-        ("tensor x pipeline", f"{values['tensor_parallel_size']} x {values['pipeline_parallel_size']}"),
-        ("mem fraction", values["mem_fraction_static"]),
-        ("running requests", values["max_running_requests"] or "SGLang's default (from GPU memory)"),
-        ("prefill chunk", values["chunked_prefill_size"] or "SGLang's default (from GPU memory)"),
-        ("radix cache", values["radix_cache"]),
-        ("cuda graphs", values["cuda_graphs"]),
-        ("reasoning parser", values["reasoning_parser"] or "none"),
-        ("tool-call parser", values["tool_call_parser"] or "none (tool_choice auto: with a parser)"),
-        ("metrics", values["enable_metrics"]),
-        ("access log skips", " ".join(map(str, skipped)) + " (prefixes)"
-         if isinstance(skipped, list) and skipped else "nothing"),
-    ]
-    if values.get("lora_max_rank") is not None:
-        limits = (f"max rank {values['lora_max_rank']}, {values['lora_max_loras_per_batch']} per batch "
-                  f"(the base model included), {values['lora_max_loaded_loras'] or 'any'} loaded")
-        rows.append(("lora", limits))
-        adapters = values.get("lora_adapters")
-        for adapter in adapters if isinstance(adapters, list) else []:
-            rows.append(("adapter", f"{adapter['name']}: {adapter['path']}"))
-    return "\n".join(f"  {name:<18} {value}" for name, value in rows)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the result
-    from deploy.engines.sglang_check import check_sglang_profile
-    from deploy.engines.vllm_check import check_profile
-
     results = []
     for profile in _profiles(args):
-        if profile.engine == "sglang":
-            effective = check_sglang_profile(profile).as_dict()
-            text = f"{profile.name}: OK (as computed by SGLang {effective['sglang_version']})\n{_describe_sglang(effective)}"
-        else:
-            effective = check_profile(profile).as_dict()
-            text = f"{profile.name}: OK (as computed by vLLM)\n{_describe_effective(effective)}"
-        results.append(effective)
+        engine = engine_for(profile)
+        for name, value in engine.check_log_env.items():
+            os.environ.setdefault(name, value)
+        effective = engine.check(profile)
+        results.append(effective.as_dict())
         if not args.json:
-            print(text, flush=True)
+            print(engine.describe(effective), flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0

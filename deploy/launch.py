@@ -1,7 +1,8 @@
-"""Start vLLM for a profile: preflight checks, then supervise the server process.
+"""Start a profile's engine server: preflight checks, then supervise the server process.
 
-The launcher runs vLLM as a child (an argv list, never a shell string), waits for its /health,
-prints how to reach it, forwards SIGINT/SIGTERM and exits with vLLM's status.
+The launcher runs the server (vLLM; an engine that cannot run here says why before anything
+starts) as a child (an argv list, never a shell string), waits for its /health, prints how to
+reach it, forwards SIGINT/SIGTERM and exits with the server's status.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from deploy.engines import sglang as sglang_engine
+from deploy.engines.base import Command
+from deploy.engines.registry import engine_for
 from deploy.errors import LaunchError
 from deploy.host import port_free, visible_gpus
 from deploy.profile import Profile
 from deploy.ray import cluster as ray_cluster
 from deploy.ray import preflight as ray_preflight
-from deploy.render import Command, server_command
+from deploy.render import server_command
 from deploy.supervise import Child, Supervisor
 
 
@@ -72,25 +74,12 @@ def check_gpus(profile: Profile) -> None:
         )
 
 
-def refuse_sglang(profile: Profile) -> None:
-    """The launcher starts vLLM only: SGLang needs an NVIDIA GPU and its own CUDA install (the
-    lmsysorg/sglang image), which this kit's venv does not hold (it has only the validation venv)."""
-    if profile.engine != "sglang":
-        return
-    gpus = visible_gpus()
-    raise LaunchError(
-        f"{profile.name}: engine: sglang: `serve` starts vLLM only. SGLang {sglang_engine.pinned_version()} needs "
-        f"an NVIDIA GPU ({gpus} visible here) and its own CUDA install (SGLang's lmsysorg/sglang image): run `python -m deploy render {profile.name}` for its exact "
-        f"`python -m sglang.launch_server` argv, start it there, then put the proxy in front of it with "
-        f"`python -m serving --backend {profile.name}=http://<host>:{profile.port}`. "
-        "On this machine: MODEL=tiny-qwen3 (vLLM on the CPU)."
-    )
-
-
 def prepare(profile: Profile, port: int | None = None, ray_address: str | None = None,
             generate_model: bool = True) -> Launch:
     """Every check that can fail before a process starts; returns what to run."""
-    refuse_sglang(profile)
+    refused = engine_for(profile).serve_refusal(profile)
+    if refused is not None:
+        raise LaunchError(refused)
     if generate_model:
         ensure_model(profile)
     check_gpus(profile)
@@ -111,7 +100,7 @@ def release(launch: Launch) -> None:
 
 
 def serve(launch: Launch, port: int, proxy_port: int | None, startup_timeout: float) -> int:
-    """Run vLLM (and the proxy in front of it when proxy_port is given) until stopped."""
+    """Run the engine's server (and the proxy in front of it when proxy_port is given) until stopped."""
     profile = launch.profile
     for needed in (port, proxy_port):
         if needed is not None and not port_free(needed):
@@ -119,13 +108,13 @@ def serve(launch: Launch, port: int, proxy_port: int | None, startup_timeout: fl
             raise LaunchError(f"port {needed} is in use: stop what listens there or pass PORT=<free port>")
     for warning in launch.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    vllm = Child(
-        name="vllm",
+    server = Child(
+        name=engine_for(profile).name,
         argv=launch.command.argv,
         env={**os.environ, **launch.command.env},
         health_url=f"http://127.0.0.1:{port}/health",
     )
-    children = [vllm]
+    children = [server]
     if proxy_port is not None:
         children.append(Child(
             name="proxy",

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from deploy.engines.registry import engine_for
 from deploy.errors import DeployError
 from deploy.paths import CONFIGS_DIR
 from deploy.profile import Profile
@@ -131,8 +132,10 @@ class MemoryPlan:
     lora_rank: int = 0  # --max-lora-rank; 0: LoRA off
     lora_slots: int = 0  # --max-loras
     lora_bytes_per_slot_per_gpu: int = 0
-    # sglang: the fraction holds weights + KV only (activations and CUDA graphs outside it).
-    engine: str = "vllm"
+    # False: the engine's budget holds weights + KV only (SGLang's --mem-fraction-static), and
+    # activations and CUDA graphs live in what it leaves of the GPU; `budget` names that flag.
+    activations_in_budget: bool = True
+    budget: str = "gpu_memory_utilization"
 
     @property
     def lora_bytes_per_gpu(self) -> int:
@@ -145,6 +148,11 @@ class MemoryPlan:
     @property
     def full_sequences(self) -> float:
         return self.kv_tokens / self.max_model_len
+
+    @property
+    def left_per_gpu(self) -> int:
+        """What the budget leaves of each GPU."""
+        return int(self.gpu.memory_gib * GIB) - self.usable_bytes_per_gpu
 
     @property
     def fits(self) -> bool:
@@ -177,17 +185,15 @@ def plan_memory(
     kv_heads_per_gpu = max(1, shape.kv_heads // tensor)
     layers_per_gpu = -(-shape.layers // pipeline)
     kv_per_token_per_gpu = 2 * layers_per_gpu * kv_heads_per_gpu * shape.head_dim * kv_elem
+    engine = engine_for(profile)
     usable = int(gpu.memory_gib * GIB * profile.gpu_memory_utilization)
     weight_per_gpu = weight_bytes // (tensor * pipeline)
     lora_rank = profile.lora.max_rank if profile.lora else 0
-    lora_slots = profile.lora.max_loras if profile.lora else 0
-    sglang = profile.engine == "sglang"
-    if sglang and profile.lora:
-        lora_slots += 1  # --max-loras-per-batch: SGLang's pool gives the base model a slot too
+    lora_slots = engine.lora_slots(profile.lora.max_loras) if profile.lora else 0
     # vLLM's lora_dtype "auto" is the model's dtype.
     lora_slot = shape.lora_elements_per_slot(lora_rank, tensor, pipeline) * dtype_bytes if profile.lora else 0
-    # SGLang's --mem-fraction-static is weights + KV pool: activations come out of the rest.
-    in_budget = 0 if sglang else int(overhead_gib * GIB)
+    # Activations come out of the budget (vLLM), or out of what it leaves (SGLang: weights + KV pool).
+    in_budget = int(overhead_gib * GIB) if engine.budget_holds_activations else 0
     kv_space = usable - weight_per_gpu - in_budget - lora_slots * lora_slot
     return MemoryPlan(
         profile=profile.name, gpu=gpu, gpus=tensor * pipeline, tensor=tensor, pipeline=pipeline,
@@ -196,7 +202,7 @@ def plan_memory(
         weight_bytes_per_gpu=weight_per_gpu, usable_bytes_per_gpu=usable, kv_space_per_gpu=kv_space,
         max_model_len=profile.max_model_len, overhead_gib=overhead_gib,
         lora_rank=lora_rank, lora_slots=lora_slots, lora_bytes_per_slot_per_gpu=lora_slot,
-        engine=profile.engine,
+        activations_in_budget=engine.budget_holds_activations, budget=f"{engine.label}'s {engine.budget_flag}",
     )
 
 
@@ -227,10 +233,9 @@ def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
          f"{p.kv_bytes_per_token_per_gpu / 1024:,.0f} KiB per GPU"),
         f"usable per GPU     {gib(p.usable_bytes_per_gpu)} ({p.gpu.memory_gib} GiB x gpu_memory_utilization)",
     ]
-    if p.engine == "sglang":
-        rest = int(p.gpu.memory_gib * GIB) - p.usable_bytes_per_gpu
+    if not p.activations_in_budget:
         lines[-1] = (f"usable per GPU     {gib(p.usable_bytes_per_gpu)} ({p.gpu.memory_gib} GiB x "
-                     f"gpu_memory_utilization = SGLang's --mem-fraction-static: weights + KV; {gib(rest)} left "
+                     f"gpu_memory_utilization = {p.budget}: weights + KV; {gib(p.left_per_gpu)} left "
                      f"for activations/graphs, {p.overhead_gib} GiB estimated)")
     lora = ""
     if p.lora_slots:
@@ -239,7 +244,7 @@ def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
             f"{mib(p.lora_bytes_per_slot_per_gpu)} (rank {p.lora_rank}, every linear layer + embeddings)"
         )
         lora = " - lora adapters"
-    overhead = (f" - {p.overhead_gib} GiB activations/graphs estimate" if p.engine != "sglang" else "")
+    overhead = f" - {p.overhead_gib} GiB activations/graphs estimate" if p.activations_in_budget else ""
     lines += [
         f"kv space per GPU   {gib(p.kv_space_per_gpu)} (usable - weights{lora}{overhead})",
         f"kv capacity        {p.kv_tokens:,} tokens = {p.full_sequences:.2f} sequences of {p.max_model_len:,}",

@@ -1,7 +1,9 @@
 """Model profiles: one YAML file per deployable model, parsed once into typed objects.
 
 Every other component (launcher, proxy, chart, benchmarks) reads a `Profile`, never the raw
-YAML. Unknown keys are errors: a typo in a profile must not be silently ignored.
+YAML. Unknown keys are errors: a typo in a profile must not be silently ignored. This module is
+the data and its own field rules only: it imports no engine. Reading a file, `--set` overrides,
+the engine's refusals and the adapters' own configs are deploy/loader.py's.
 """
 
 from __future__ import annotations
@@ -9,22 +11,20 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from deploy.adapters import MaxLoraRank, verify_adapters
-from deploy.engines import sglang as sglang_engine
-from deploy.errors import ProfileError
-from deploy.paths import CONFIGS_DIR, MODELS_DIR, REPO_ROOT
-from deploy.typed_config import Strict, describe_errors
+from deploy.paths import CONFIGS_DIR, is_hub_id, is_local, local_dir
+from deploy.typed_config import Strict
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 # What the proxy's health checks, Kubernetes probes and Prometheus poll on every vLLM server.
 POLLED_PATHS = ("/health", "/metrics")
-# vLLM flags the `lora:` key renders: not accepted in engine_args, so one place says them.
-LORA_FLAGS = ("enable-lora", "lora-modules", "max-lora-rank", "max-loras", "max-cpu-loras")
+# The ranks vLLM 0.32's LoRAConfig accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks);
+# tests/deploy/test_lora_check.py holds this to the pinned vLLM's list.
+MaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+MAX_LORA_RANKS: tuple[int, ...] = get_args(MaxLoraRank)
 
 
 class RopeScaling(Strict):
@@ -129,7 +129,7 @@ class Adapter(Strict):
     @field_validator("source")
     @classmethod
     def _hub_id_or_path(cls, value: str) -> str:
-        if not value.startswith((".", "/")) and value.count("/") > 1:
+        if not (is_local(value) or is_hub_id(value)):
             raise ValueError(f"{value!r} is neither a hub id (org/name) nor a local directory: "
                              f"write a directory inside the repository as ./{value}")
         return value
@@ -137,9 +137,7 @@ class Adapter(Strict):
     @property
     def path(self) -> Path | None:
         """The local adapter directory, or None for a hub id."""
-        if self.generator or self.source.startswith((".", "/")):
-            return (REPO_ROOT / self.source).resolve()
-        return None
+        return local_dir(self.source) if self.generator or is_local(self.source) else None
 
 
 class Lora(Strict):
@@ -209,11 +207,11 @@ class Profile(Strict):
         description="Paths vLLM's access log leaves out: /health and /metrics are polled every few seconds "
         "(the proxy's health checks, Kubernetes probes, Prometheus). [] logs every request.",
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Environment for the vLLM process.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for the engine's process.")
     engine_args: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict,
-        description="Any other vLLM flag, without the leading dashes. true -> bare flag, "
-        "false/null -> omitted.",
+        description="Any other flag of the engine, without the leading dashes. true -> bare flag, "
+        "false/null -> omitted. A flag the profile's own keys render is refused: set the key.",
     )
     sampling: Sampling = Field(default_factory=Sampling)
     lora: Lora | None = Field(default=None, description="LoRA adapters served on this model (none: LoRA off).")
@@ -223,10 +221,8 @@ class Profile(Strict):
     def _flag_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
             if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", key):
-                raise ValueError(f"engine_args key {key!r} must be a vLLM flag name like 'max-logprobs'")
-            if key in LORA_FLAGS:
-                raise ValueError(f"engine_args key {key!r}: declare LoRA under the profile's `lora:` key "
-                                 "(max_rank, max_loras, max_cpu_loras, adapters), which renders it")
+                raise ValueError(f"engine_args key {key!r} must be a flag name as the engine spells it, without "
+                                 "the leading dashes or a value, like 'max-logprobs'")
         return value
 
     @field_validator("access_log_exclude")
@@ -263,10 +259,6 @@ class Profile(Strict):
                     "an alias: clients could not tell the adapter from the base model; rename the adapter"
                 )
         self._defaults_fit_context()
-        if self.engine == "sglang":
-            refused = sglang_engine.refusals(self)
-            if refused:
-                raise ValueError("engine: sglang: " + "; ".join(refused))
         return self
 
     def _defaults_fit_context(self) -> None:
@@ -311,9 +303,7 @@ class Profile(Strict):
     @property
     def model_path(self) -> Path | None:
         """The local model directory, or None for a hub id."""
-        if self.generator or self.model.startswith((".", "/")):
-            return (REPO_ROOT / self.model).resolve()
-        return None
+        return local_dir(self.model) if self.generator or is_local(self.model) else None
 
     @property
     def config_dir(self) -> Path | None:
@@ -324,66 +314,3 @@ class Profile(Strict):
             return (CONFIGS_DIR / self.offline_config).resolve()
         return None
 
-
-def parse_profile(data: Any, source: str) -> Profile:
-    if not isinstance(data, dict):
-        raise ProfileError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
-    try:
-        return Profile.model_validate(data)
-    except ValidationError as exc:
-        reasons = describe_errors(exc, "see configs/models/README.md for the keys")
-        raise ProfileError(f"{source}: {reasons}") from None
-
-
-def profile_path(name: str) -> Path:
-    return MODELS_DIR / f"{name}.yaml"
-
-
-def known_profiles() -> list[str]:
-    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
-    """Apply `dotted.key=value` overrides (values parsed as YAML) to raw profile data."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ProfileError(f"--set {item!r}: expected dotted.key=value, e.g. max_model_len=32768")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = target.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ProfileError(f"{source}: --set {key}: {part!r} is not a mapping")
-            target = child
-        target[parts[-1]] = value
-    return data
-
-
-def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -> Profile:
-    """Load a profile by name (configs/models/<name>.yaml) or by file path, with --set overrides."""
-    text_name = str(name_or_path)
-    path = Path(text_name) if text_name.endswith((".yaml", ".yml")) else profile_path(text_name)
-    if not path.is_file():
-        raise ProfileError(
-            f"unknown profile {text_name!r}: no file {path}. Known profiles: {', '.join(known_profiles())}"
-        )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
-    shown = path.resolve()
-    if shown.is_relative_to(Path.cwd()):
-        shown = shown.relative_to(Path.cwd())
-    source = str(shown) + (f" (with --set {' '.join(overrides)})" if overrides else "")
-    if overrides and isinstance(data, dict):
-        data = apply_overrides(data, overrides, source)
-    profile = parse_profile(data, source)
-    if profile.name != path.stem:
-        raise ProfileError(f"{shown}: name: {profile.name!r} must equal the file name {path.stem!r}")
-    verify_adapters(profile, source)
-    return profile

@@ -11,7 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from deploy.profile import Adapter, Profile, Sampling, load_profile
+from deploy.loader import load_profile
+from deploy.profile import Adapter, Profile, Sampling
 from deploy.typed_config import Strict, describe_errors
 
 MAX_WORKERS = 64

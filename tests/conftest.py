@@ -20,8 +20,9 @@ from hypothesis import settings
 # Re-exported (the `as` form says so to mypy): many tests import these two from here.
 from deploy.health import http_ok as http_ok  # noqa: PLC0414
 from deploy.health import wait_until as wait_until  # noqa: PLC0414
+from deploy.loader import load_profile
 from deploy.paths import GENERATED_MODELS_DIR, REPO_ROOT
-from deploy.profile import Profile, load_profile
+from deploy.profile import Profile
 
 STARTUP_TIMEOUT = 300.0
 

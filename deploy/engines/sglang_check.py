@@ -1,11 +1,11 @@
-"""Validate an `engine: sglang` profile with the pinned SGLang's own code.
+"""`deploy check` for `engine: sglang` profiles: the pinned SGLang's own code judges the argv.
 
 SGLang cannot share this venv (it pins another torch, transformers and openai), so the rendered
-argv goes to deploy/engines/sglang_probe.py run by `.cache/sglang-venv/bin/python` (`make sglang-venv`)
-as a subprocess: an argv list, never a shell string. The probe runs SGLang's argument parser and
-ServerArgs checks, its ModelConfig against the profile's config.json (no weights, no tokenizer)
-and the rotary embedding SGLang's attention layers would build. The values returned are the
-ones SGLang computed, not ours.
+argv goes to deploy/engines/sglang_probe.py run by `.cache/sglang-venv/bin/python` (`make
+sglang-venv`) as a subprocess: an argv list, never a shell string. The probe runs SGLang's
+argument parser and ServerArgs checks, its ModelConfig against the profile's config.json (no
+weights, no tokenizer) and the rotary embedding SGLang's attention layers would build. The
+values returned are the ones SGLang computed, not ours.
 """
 
 from __future__ import annotations
@@ -13,74 +13,35 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.engines import sglang as sglang_engine
-from deploy.engines.vllm_check import config_theta
+from deploy.engines.base import config_theta
 from deploy.errors import CheckError
-from deploy.paths import CACHE_DIR, REPO_ROOT
+from deploy.paths import CACHE_DIR, REPO_ROOT, shown
 from deploy.profile import Profile
-from deploy.render import engine_args
 
+REQUIREMENTS = REPO_ROOT / "deploy" / "sglang-requirements.txt"
 SGLANG_PYTHON = CACHE_DIR / "sglang-venv" / "bin" / "python"
 PROBE = Path(__file__).with_name("sglang_probe.py")
 PROBE_TIMEOUT_S = 600.0  # ~10-30 s normally; a cold disk on a shared machine is slower
 YARN_EMBEDDING = "YaRNScalingRotaryEmbedding"
 
 
-@dataclass(frozen=True)
-class SglangEffective:
-    """The serving configuration as the pinned SGLang computes it."""
-
-    profile: str
-    sglang_version: str
-    context_length: int
-    max_position_embeddings: int | None
-    dtype: str
-    quantization: str | None
-    kv_cache_dtype: str
-    rope_type: str
-    rope_factor: float | None
-    rope_original_max_position_embeddings: int | None
-    rope_theta: float | None
-    rotary_embedding: str | None  # the class SGLang's attention layers build
-    rotary_positions: int | None  # positions in its cos/sin cache
-    tensor_parallel_size: int
-    pipeline_parallel_size: int
-    mem_fraction_static: float | None
-    max_running_requests: int | None
-    chunked_prefill_size: int | None
-    radix_cache: bool
-    cuda_graphs: bool
-    reasoning_parser: str | None
-    tool_call_parser: str | None
-    enable_metrics: bool
-    access_log_excluded_prefixes: list[str]
-    lora_max_rank: int | None = None
-    lora_max_loras_per_batch: int | None = None
-    lora_max_loaded_loras: int | None = None
-    lora_adapters: list[dict[str, Any]] = field(default_factory=list)
-    engine: str = "sglang"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def probe_argv(profile: Profile, config_dir: Path) -> list[str]:
-    """What the probe parses: the rendered argv against the config.json-only directory, without
-    the tokenizer, on the CPU (SGLang's parser and ModelConfig need no GPU)."""
-    return [*engine_args(profile, model=str(config_dir)), "--skip-tokenizer-init", "--device", "cpu"]
+def pinned_version() -> str:
+    """The SGLang version, read from the one line that names it."""
+    for line in REQUIREMENTS.read_text().splitlines():
+        if line.startswith("sglang=="):
+            return line.removeprefix("sglang==").strip()
+    raise RuntimeError(f"{REQUIREMENTS}: no 'sglang==<version>' line")
 
 
 def run_probe(argv: list[str], env: dict[str, str] | None = None, python: Path = SGLANG_PYTHON) -> dict[str, Any]:
     """The probe's JSON for argv; CheckError when the venv is missing or the probe fails to answer."""
     if not python.is_file():
-        shown = python.relative_to(REPO_ROOT) if python.is_relative_to(REPO_ROOT) else python
         raise CheckError(
-            f"the SGLang validation venv is missing (no {shown}): run `make sglang-venv` (SGLang "
-            f"{sglang_engine.pinned_version()} and what its parser imports, ~6 GB, ~4 min) and check again"
+            f"the SGLang validation venv is missing (no {shown(python)}): run `make sglang-venv` (SGLang "
+            f"{pinned_version()} and what its parser imports, ~6 GB, ~4 min) and check again"
         )
     try:
         result = subprocess.run([str(python), str(PROBE), *argv], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -107,15 +68,15 @@ def _refused(profile: Profile, data: dict[str, Any]) -> CheckError:
     return CheckError(f"{profile.name}: SGLang refused {stage}{where}: {message}")
 
 
-def effective_from_probe(profile: Profile, data: dict[str, Any], config_dir: Path) -> SglangEffective:
-    """What SGLang computed, held to the profile: YaRN must be the rotary embedding SGLang builds
-    and the theta config.json's."""
+def effective_values(profile: Profile, data: dict[str, Any], config_dir: Path) -> dict[str, Any]:
+    """What SGLang computed (the probe's answer), under its names, held to the profile: YaRN must
+    be the rotary embedding SGLang builds and the theta config.json's."""
     if not data.get("ok"):
         raise _refused(profile, data)
     version = str(data.get("sglang_version"))
-    if version != sglang_engine.pinned_version():
+    if version != pinned_version():
         raise CheckError(f"{profile.name}: .cache/sglang-venv holds SGLang {version}, deploy/sglang-requirements.txt "
-                         f"pins {sglang_engine.pinned_version()}: run `make sglang-venv`")
+                         f"pins {pinned_version()}: run `make sglang-venv`")
     args, model, rope = data["server_args"], data["model_config"], data["rope"]
     params: dict[str, Any] = rope.get("rope_parameters") or {}
     rotary: dict[str, Any] = rope.get("rotary_embedding") or {}
@@ -133,7 +94,8 @@ def effective_from_probe(profile: Profile, data: dict[str, Any], config_dir: Pat
                 f"{profile.name}: rope_scaling.rope_theta: SGLang would use {theta} but the model's "
                 f"config.json has {expected}; set rope_scaling.rope_theta: {expected}"
             )
-    lora: dict[str, Any] = {}
+    lora: dict[str, Any] = {"lora_max_rank": None, "lora_max_loras_per_batch": None, "lora_max_loaded_loras": None,
+                            "lora_adapters": []}
     if args.get("enable_lora"):
         lora = {
             "lora_max_rank": args.get("max_lora_rank"),
@@ -143,42 +105,29 @@ def effective_from_probe(profile: Profile, data: dict[str, Any], config_dir: Pat
                               for ref in args.get("lora_paths") or [] if isinstance(ref, dict)],
         }
     graphs_off = args.get("cuda_graph_backend_decode") == "disabled" and args.get("cuda_graph_backend_prefill") == "disabled"
-    return SglangEffective(
-        profile=profile.name,
-        sglang_version=version,
-        context_length=int(model["context_len"]),
-        max_position_embeddings=model.get("max_position_embeddings"),
-        dtype=str(model.get("dtype")),
-        quantization=model.get("quantization"),
-        kv_cache_dtype=str(args.get("kv_cache_dtype")),
-        rope_type=str(params.get("rope_type", "default")),
-        rope_factor=params.get("factor"),
-        rope_original_max_position_embeddings=params.get("original_max_position_embeddings"),
-        rope_theta=float(theta) if theta is not None else None,
-        rotary_embedding=rotary.get("class"),
-        rotary_positions=rotary.get("cos_sin_cache_positions"),
-        tensor_parallel_size=int(args["tp_size"]),
-        pipeline_parallel_size=int(args["pp_size"]),
-        mem_fraction_static=args.get("mem_fraction_static"),
-        max_running_requests=args.get("max_running_requests"),
-        chunked_prefill_size=args.get("chunked_prefill_size"),
-        radix_cache=not args.get("disable_radix_cache"),
-        cuda_graphs=not (graphs_off or args.get("disable_cuda_graph")),
-        reasoning_parser=args.get("reasoning_parser"),
-        tool_call_parser=args.get("tool_call_parser"),
-        enable_metrics=bool(args.get("enable_metrics")),
-        access_log_excluded_prefixes=list(args.get("uvicorn_access_log_exclude_prefixes") or []),
+    return {
+        "sglang_version": version,
+        "context_length": int(model["context_len"]),
+        "max_position_embeddings": model.get("max_position_embeddings"),
+        "dtype": str(model.get("dtype")),
+        "quantization": model.get("quantization"),
+        "kv_cache_dtype": str(args.get("kv_cache_dtype")),
+        "rope_type": str(params.get("rope_type", "default")),
+        "rope_factor": params.get("factor"),
+        "rope_original_max_position_embeddings": params.get("original_max_position_embeddings"),
+        "rope_theta": float(theta) if theta is not None else None,
+        "rotary_embedding": rotary.get("class"),  # the class SGLang's attention layers build
+        "rotary_positions": rotary.get("cos_sin_cache_positions"),  # positions in its cos/sin cache
+        "tensor_parallel_size": int(args["tp_size"]),
+        "pipeline_parallel_size": int(args["pp_size"]),
+        "mem_fraction_static": args.get("mem_fraction_static"),
+        "max_running_requests": args.get("max_running_requests"),
+        "chunked_prefill_size": args.get("chunked_prefill_size"),
+        "radix_cache": not args.get("disable_radix_cache"),
+        "cuda_graphs": not (graphs_off or args.get("disable_cuda_graph")),
+        "reasoning_parser": args.get("reasoning_parser"),
+        "tool_call_parser": args.get("tool_call_parser"),
+        "enable_metrics": bool(args.get("enable_metrics")),
+        "access_log_excluded_prefixes": list(args.get("uvicorn_access_log_exclude_prefixes") or []),
         **lora,
-    )
-
-
-def check_sglang_profile(profile: Profile, python: Path = SGLANG_PYTHON) -> SglangEffective:
-    """Run the rendered argv through SGLang's own code; raise CheckError on any refusal."""
-    config_dir = profile.config_dir
-    if config_dir is None or not (config_dir / "config.json").is_file():
-        raise CheckError(f"{profile.name}: no config.json at {config_dir}: set offline_config to a directory under configs/")
-    try:
-        data = run_probe(probe_argv(profile, config_dir), env=dict(profile.env), python=python)
-    except CheckError as exc:
-        raise CheckError(f"{profile.name}: {exc}") from None
-    return effective_from_probe(profile, data, config_dir)
+    }

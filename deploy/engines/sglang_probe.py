@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 # Run as a script, Python puts this directory first on sys.path, where deploy/engines/sglang.py
-# would shadow SGLang itself: drop it.
+# would shadow SGLang itself (and vllm.py vLLM): drop it.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 

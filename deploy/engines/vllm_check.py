@@ -1,55 +1,23 @@
-"""Validate rendered engine args with the pinned vLLM's own parser and model-config code.
+"""`deploy check` for vLLM profiles: the rendered argv judged by the pinned vLLM's own parser
+and model-config code.
 
 No GPU and no weights are needed: vLLM builds its ModelConfig from a directory holding only
-config.json (`--skip-tokenizer-init`). The values printed are the ones vLLM computed, not ours.
+config.json (`--skip-tokenizer-init`). The values returned are the ones vLLM computed, not ours.
+vLLM is imported here only inside the functions: loading profiles and rendering never pay for it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from deploy.adapters import ADAPTER_CONFIG
+from deploy.engines.base import config_theta
 from deploy.errors import CheckError
-from deploy.paths import REPO_ROOT
+from deploy.paths import shown
 from deploy.profile import Profile
-from deploy.render import engine_args
-
-
-@dataclass(frozen=True)
-class Effective:
-    """The serving configuration as the pinned vLLM computes it."""
-
-    profile: str
-    max_model_len: int
-    dtype: str
-    quantization: str | None
-    rope_type: str
-    rope_factor: float | None
-    rope_original_max_position_embeddings: int | None
-    rope_theta: float | None
-    tensor_parallel_size: int
-    pipeline_parallel_size: int
-    executor_backend: str
-    kv_cache_dtype: str
-    reasoning_parser: str | None
-    tool_call_parser: str | None
-    enable_auto_tool_choice: bool
-    access_log_excluded: list[str]  # paths vLLM's uvicorn access log filter drops
-    # LoRA as vLLM's LoRAConfig holds it (None: --enable-lora not given).
-    lora_max_rank: int | None = None
-    lora_max_loras: int | None = None
-    lora_max_cpu_loras: int | None = None
-    lora_dtype: str | None = None
-    # One per --lora-modules entry: name, path, base, and rank (None: a hub adapter vLLM checks when it fetches it).
-    lora_adapters: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _first_reason(exc: BaseException) -> str:
@@ -89,19 +57,6 @@ def _check_parser_names(profile: Profile) -> None:
             f"tool_call_parser: {profile.tool_call_parser!r} is not a tool-call parser of this vLLM; "
             f"known: {', '.join(sorted(known_tools))}"
         )
-
-
-def config_theta(config_dir: Path) -> float | None:
-    config = json.loads((config_dir / "config.json").read_text())
-    theta = config.get("rope_theta")
-    if theta is None and isinstance(config.get("rope_parameters"), dict):
-        theta = config["rope_parameters"].get("rope_theta")
-    return float(theta) if theta is not None else None
-
-
-def _shown(path: str) -> str:
-    resolved = Path(path)
-    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else path
 
 
 def _check_lora(profile: Profile, namespace: argparse.Namespace, engine: Any, model_config: Any) -> dict[str, Any]:
@@ -145,7 +100,7 @@ def _check_lora(profile: Profile, namespace: argparse.Namespace, engine: Any, mo
             except (TypeError, ValueError) as exc:
                 raise CheckError(f"{profile.name}: {key}: vLLM refused the adapter: {_first_reason(exc)}") from None
             rank = max([helper.r, *helper.rank_pattern.values()])
-        adapters.append({"name": module.name, "path": _shown(module.path), "base": module.base_model_name,
+        adapters.append({"name": module.name, "path": shown(module.path), "base": module.base_model_name,
                          "rank": rank})
     return {
         "lora_max_rank": lora_config.max_lora_rank,
@@ -156,19 +111,12 @@ def _check_lora(profile: Profile, namespace: argparse.Namespace, engine: Any, mo
     }
 
 
-def check_profile(profile: Profile) -> Effective:
-    """Parse the rendered args with vLLM and build its model config; raise CheckError on refusal.
-    (`engine: sglang` profiles go to deploy/engines/sglang_check.py instead.)"""
-    if profile.engine != "vllm":
-        raise CheckError(f"{profile.name}: engine {profile.engine}: validated by SGLang's code (deploy.engines.sglang_check)")
-    config_dir = profile.config_dir
-    if config_dir is None or not (config_dir / "config.json").is_file():
-        hint = "run `make tiny-model`" if profile.generator else "set offline_config to a directory under configs/"
-        raise CheckError(f"{profile.name}: no config.json at {config_dir}: {hint}")
+def computed(profile: Profile, argv: list[str], config_dir: Path) -> dict[str, Any]:
+    """Parse argv (the rendered args against config_dir) with vLLM and build its model config;
+    what vLLM computed, under its names; CheckError on a refusal."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
-    argv = [*engine_args(profile, model=str(config_dir)), "--skip-tokenizer-init"]
     try:
         namespace = _parser().parse_args(argv)
         validate_parsed_serve_args(namespace)
@@ -200,22 +148,25 @@ def check_profile(profile: Profile) -> Effective:
                 f"{profile.name}: rope_scaling.rope_theta: vLLM would use {theta} but the model's "
                 f"config.json has {expected}; set rope_scaling.rope_theta: {expected}"
             )
-    return Effective(
-        profile=profile.name,
-        max_model_len=model_config.max_model_len,
-        dtype=str(model_config.dtype).removeprefix("torch."),
-        quantization=model_config.quantization,
-        rope_type=str(rope.get("rope_type", "default")),
-        rope_factor=rope.get("factor"),
-        rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
-        rope_theta=float(theta) if theta is not None else None,
-        tensor_parallel_size=engine.tensor_parallel_size,
-        pipeline_parallel_size=engine.pipeline_parallel_size,
-        executor_backend=str(engine.distributed_executor_backend or "uni"),
-        kv_cache_dtype=str(engine.kv_cache_dtype),
-        reasoning_parser=namespace.reasoning_parser or None,
-        tool_call_parser=namespace.tool_call_parser or None,
-        enable_auto_tool_choice=bool(namespace.enable_auto_tool_choice),
-        access_log_excluded=[str(path) for path in excluded],
+    return {
+        "max_model_len": model_config.max_model_len,
+        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "quantization": model_config.quantization,
+        "rope_type": str(rope.get("rope_type", "default")),
+        "rope_factor": rope.get("factor"),
+        "rope_original_max_position_embeddings": rope.get("original_max_position_embeddings"),
+        "rope_theta": float(theta) if theta is not None else None,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "executor_backend": str(engine.distributed_executor_backend or "uni"),
+        "kv_cache_dtype": str(engine.kv_cache_dtype),
+        "reasoning_parser": namespace.reasoning_parser or None,
+        "tool_call_parser": namespace.tool_call_parser or None,
+        "enable_auto_tool_choice": bool(namespace.enable_auto_tool_choice),
+        "access_log_excluded": [str(path) for path in excluded],  # paths vLLM's uvicorn access log filter drops
+        # LoRA as vLLM's LoRAConfig holds it (None: --enable-lora not given), and one entry per
+        # --lora-modules entry: name, path, base, and rank (None: a hub adapter vLLM checks when it fetches it).
+        "lora_max_rank": None, "lora_max_loras": None, "lora_max_cpu_loras": None, "lora_dtype": None,
+        "lora_adapters": [],
         **lora,
-    )
+    }

@@ -23,7 +23,7 @@ RULES = REPO_ROOT / "k8s" / "observability" / "alerts.rules.yaml"
 
 def profile_port(model: str) -> int:
     sys.path.insert(0, str(REPO_ROOT))
-    from deploy.profile import load_profile
+    from deploy.loader import load_profile
 
     return int(load_profile(model).port)
 

@@ -9,54 +9,54 @@ from pathlib import Path
 
 import pytest
 
-from deploy.engines.vllm_check import check_profile
+from deploy.engines.vllm import VLLM
 from deploy.errors import CheckError
+from deploy.loader import load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
 
 pytestmark = pytest.mark.vllm
 
 
 def test_qwq_yarn_as_vllm_computes_it() -> None:
-    e = check_profile(load_profile("qwq-32b"))
-    assert (e.rope_type, e.rope_factor, e.rope_original_max_position_embeddings) == ("yarn", 4.0, 32768)
-    assert e.rope_theta == 1_000_000.0
-    assert e.max_model_len == 131072
-    assert (e.executor_backend, e.tensor_parallel_size, e.pipeline_parallel_size) == ("ray", 2, 1)
-    assert e.reasoning_parser == "deepseek_r1" and e.tool_call_parser == "hermes"
+    e = VLLM.check(load_profile("qwq-32b"))
+    assert (e["rope_type"], e["rope_factor"], e["rope_original_max_position_embeddings"]) == ("yarn", 4.0, 32768)
+    assert e["rope_theta"] == 1_000_000.0
+    assert e["max_model_len"] == 131072
+    assert (e["executor_backend"], e["tensor_parallel_size"], e["pipeline_parallel_size"]) == ("ray", 2, 1)
+    assert e["reasoning_parser"] == "deepseek_r1" and e["tool_call_parser"] == "hermes"
 
 
 def test_qwq_short_has_no_yarn() -> None:
-    e = check_profile(load_profile("qwq-32b-short"))
-    assert (e.rope_type, e.max_model_len, e.rope_theta) == ("default", 32768, 1_000_000.0)
+    e = VLLM.check(load_profile("qwq-32b-short"))
+    assert (e["rope_type"], e["max_model_len"], e["rope_theta"]) == ("default", 32768, 1_000_000.0)
 
 
 @pytest.mark.parametrize("name", ["qwen3-4b-instruct-fp8", "qwen3-4b-thinking-fp8"])
 def test_qwen3_fp8(name: str) -> None:
-    e = check_profile(load_profile(name))
-    assert (e.quantization, e.max_model_len, e.rope_theta) == ("fp8", 262144, 5_000_000.0)
+    e = VLLM.check(load_profile(name))
+    assert (e["quantization"], e["max_model_len"], e["rope_theta"]) == ("fp8", 262144, 5_000_000.0)
 
 
 def test_context_beyond_model_limit_fails_with_vllms_reason() -> None:
     with pytest.raises(CheckError) as err:
-        check_profile(load_profile("qwen3-4b-instruct-fp8", ["max_model_len=300000"]))
+        VLLM.check(load_profile("qwen3-4b-instruct-fp8", ["max_model_len=300000"]))
     assert "qwen3-4b-instruct-fp8" in str(err.value)
     assert "max_model_len (300000) is greater than the derived max_model_len" in str(err.value)
 
 
 def test_unknown_flag_fails_with_vllms_reason() -> None:
     with pytest.raises(CheckError, match=r"unrecognized arguments: --max-logprobz"):
-        check_profile(load_profile("tiny-qwen3", ["engine_args={max-logprobz: 5}"]))
+        VLLM.check(load_profile("tiny-qwen3", ["engine_args={max-logprobz: 5}"]))
 
 
 def test_wrong_rope_theta_is_caught() -> None:
     with pytest.raises(CheckError, match=r"rope_scaling.rope_theta: .*config.json has 1000000.0"):
-        check_profile(load_profile("qwq-32b", ["rope_scaling.rope_theta=10000"]))
+        VLLM.check(load_profile("qwq-32b", ["rope_scaling.rope_theta=10000"]))
 
 
 def test_unknown_reasoning_parser() -> None:
     with pytest.raises(CheckError, match=r"reasoning_parser: 'qwq' is not a reasoning parser.*deepseek_r1"):
-        check_profile(load_profile("qwq-32b", ["reasoning_parser=qwq"]))
+        VLLM.check(load_profile("qwq-32b", ["reasoning_parser=qwq"]))
 
 
 def test_cli_check_all(tiny_lora_dir: Path) -> None:
@@ -83,5 +83,5 @@ def test_cli_check_failure_is_one_line() -> None:
 
 def test_health_and_metrics_polls_stay_out_of_the_access_log() -> None:
     """vLLM's own log config drops the polled paths (proxy health checks, probes, Prometheus)."""
-    assert check_profile(load_profile("qwq-32b")).access_log_excluded == ["/health", "/metrics"]
-    assert check_profile(load_profile("tiny-qwen3", ["access_log_exclude=[]"])).access_log_excluded == []
+    assert VLLM.check(load_profile("qwq-32b"))["access_log_excluded"] == ["/health", "/metrics"]
+    assert VLLM.check(load_profile("tiny-qwen3", ["access_log_exclude=[]"]))["access_log_excluded"] == []

@@ -14,9 +14,9 @@ import pytest
 from deploy.adapters import same_model
 from deploy.errors import LaunchError, ProfileError
 from deploy.launch import ensure_adapters
+from deploy.loader import load_profile
 from deploy.memory_plan import load_gpu_types, plan_memory, read_shape
 from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
 from deploy.render import engine_args
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -113,7 +113,8 @@ def test_source_neither_hub_id_nor_path() -> None:
 
 def test_lora_flags_are_not_engine_args() -> None:
     message = refusal("tiny-qwen3", ["engine_args={max-lora-rank: 64}"])
-    assert "engine_args key 'max-lora-rank': declare LoRA under the profile's `lora:` key" in message
+    assert ("engine: vllm: engine_args.max-lora-rank: --max-lora-rank is rendered from the profile's lora.max_rank: "
+            "set lora.max_rank instead") in message
 
 
 def test_tiny_lora_generator_needs_the_tiny_model() -> None:

@@ -13,12 +13,12 @@ from typing import get_args
 
 import pytest
 
-from deploy.adapters import MAX_LORA_RANKS
 from deploy.cli import main
-from deploy.engines.vllm_check import check_profile
+from deploy.engines.vllm import VLLM
 from deploy.errors import CheckError
+from deploy.loader import load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
+from deploy.profile import MAX_LORA_RANKS
 from deploy.render import engine_args
 
 pytestmark = pytest.mark.vllm
@@ -59,26 +59,26 @@ def test_golden_plan(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_vllm_reads_the_adapters_from_the_rendered_flags() -> None:
-    e = check_profile(load_profile(PROFILE))
-    assert (e.lora_max_rank, e.lora_max_loras, e.lora_max_cpu_loras, e.lora_dtype) == (16, 2, 4, "bfloat16")
-    assert e.lora_adapters == [
+    e = VLLM.check(load_profile(PROFILE))
+    assert (e["lora_max_rank"], e["lora_max_loras"], e["lora_max_cpu_loras"], e["lora_dtype"]) == (16, 2, 4, "bfloat16")
+    assert e["lora_adapters"] == [
         {"name": "qwen3-4b-support", "path": "tests/deploy/adapters/qwen3-4b-instruct-support",
          "base": "qwen3-4b-instruct", "rank": 16},
         {"name": "qwen3-4b-sql", "path": "example-org/qwen3-4b-instruct-sql-lora",
          "base": "qwen3-4b-instruct", "rank": None},  # a hub id: vLLM checks it when it downloads it
     ]
-    assert check_profile(load_profile("qwen3-4b-instruct-fp8")).lora_max_rank is None
+    assert VLLM.check(load_profile("qwen3-4b-instruct-fp8"))["lora_max_rank"] is None
 
 
 def test_tiny_lora_profile(tiny_lora_dir: Path) -> None:
-    e = check_profile(load_profile("tiny-qwen3-lora"))
-    assert (e.lora_max_rank, e.lora_adapters[0]["rank"], e.lora_adapters[0]["path"]) == (8, 8, ".cache/models/tiny-lora")
+    e = VLLM.check(load_profile("tiny-qwen3-lora"))
+    assert (e["lora_max_rank"], e["lora_adapters"][0]["rank"], e["lora_adapters"][0]["path"]) == (8, 8, ".cache/models/tiny-lora")
 
 
 def test_lora_config_computed_by_vllm(tiny_lora_dir: Path) -> None:
     """LoRAConfig fills max_cpu_loras from max_loras, and lora_dtype from the model config."""
-    e = check_profile(load_profile("tiny-qwen3-lora", ["lora.max_cpu_loras=null", "dtype=float16"]))
-    assert (e.lora_max_cpu_loras, e.lora_dtype) == (1, "float16")
+    e = VLLM.check(load_profile("tiny-qwen3-lora", ["lora.max_cpu_loras=null", "dtype=float16"]))
+    assert (e["lora_max_cpu_loras"], e["lora_dtype"]) == (1, "float16")
 
 
 def test_vllm_refuses_a_dora_adapter(tmp_path: Path) -> None:
@@ -87,19 +87,19 @@ def test_vllm_refuses_a_dora_adapter(tmp_path: Path) -> None:
     profile = load_profile("tiny-qwen3", [f"lora={{max_rank: 8, adapters: [{{name: d, source: '{tmp_path}'}}]}}"])
     with pytest.raises(CheckError, match=r"tiny-qwen3: lora.adapters\[0\].source \(d\): vLLM refused the adapter: "
                                          r"vLLM does not yet support DoRA."):
-        check_profile(profile)
+        VLLM.check(profile)
 
 
 def test_vllms_parser_judges_other_lora_flags(tiny_lora_dir: Path) -> None:
     with pytest.raises(CheckError, match=r"argument --lora-dtype: invalid choice: 'float32'"):
-        check_profile(load_profile("tiny-qwen3-lora", ["engine_args={lora-dtype: float32}"]))
+        VLLM.check(load_profile("tiny-qwen3-lora", ["engine_args={lora-dtype: float32}"]))
 
 
 def test_missing_local_adapter(tmp_path: Path) -> None:
     profile = load_profile("tiny-qwen3", [f"lora={{max_rank: 8, adapters: [{{name: d, source: '{tmp_path}/none'}}]}}"])
     with pytest.raises(CheckError, match=r"lora.adapters\[0\].source \(d\): no adapter_config.json at .*none: "
                                          r"put the adapter there"):
-        check_profile(profile)
+        VLLM.check(profile)
 
 
 def test_cli_check_refusal_is_one_line(tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from deploy.loader import load_profile
 from deploy.memory_plan import load_gpu_types, plan_memory, smallest_fit
 from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
 
 KIB = 1024
 H100 = load_gpu_types()["h100-80gb"]

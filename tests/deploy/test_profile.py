@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from deploy.errors import ProfileError
+from deploy.loader import known_profiles, load_profile
 from deploy.paths import MODELS_DIR, REPO_ROOT
-from deploy.profile import known_profiles, load_profile
 
 SHIPPED = ["qwen3-4b-instruct-fp8", "qwen3-4b-instruct-fp8-sglang", "qwen3-4b-thinking-fp8",
            "qwen3-4b-thinking-fp8-sglang", "qwq-32b", "qwq-32b-sglang", "qwq-32b-short", "tiny-qwen3",

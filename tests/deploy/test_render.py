@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.loader import known_profiles, load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import known_profiles, load_profile
 from deploy.render import engine_args, server_command
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -12,20 +12,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deploy.engines import sglang as sglang_engine
-from deploy.engines.sglang_check import SglangEffective, check_sglang_profile
+from deploy.engines.base import Effective
+from deploy.engines.sglang import SGLANG
+from deploy.engines.sglang_check import pinned_version
 from deploy.errors import CheckError
+from deploy.loader import known_profiles, load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import known_profiles, load_profile
 
 SGLANG_PROFILES = [name for name in known_profiles() if load_profile(name).engine == "sglang"]
 
 
 @pytest.fixture(scope="session")
-def effective() -> Iterator[dict[str, SglangEffective]]:
+def effective() -> Iterator[dict[str, Effective]]:
     """Every shipped SGLang profile as SGLang computes it, probed at once (one process each)."""
     with ThreadPoolExecutor(max_workers=len(SGLANG_PROFILES)) as pool:
-        results = pool.map(lambda name: check_sglang_profile(load_profile(name)), SGLANG_PROFILES)
+        results = pool.map(lambda name: SGLANG.check(load_profile(name)), SGLANG_PROFILES)
         yield dict(zip(SGLANG_PROFILES, results, strict=True))
 
 
@@ -33,36 +34,36 @@ def test_the_sglang_profiles_are_shipped() -> None:
     assert SGLANG_PROFILES == ["qwen3-4b-instruct-fp8-sglang", "qwen3-4b-thinking-fp8-sglang", "qwq-32b-sglang"]
 
 
-def test_qwq_yarn_as_sglang_computes_it(effective: dict[str, SglangEffective]) -> None:
+def test_qwq_yarn_as_sglang_computes_it(effective: dict[str, Effective]) -> None:
     e = effective["qwq-32b-sglang"]
-    assert e.context_length == 131072
-    assert (e.rope_type, e.rope_factor, e.rope_original_max_position_embeddings) == ("yarn", 4.0, 32768)
-    assert e.rope_theta == 1_000_000.0
+    assert e["context_length"] == 131072
+    assert (e["rope_type"], e["rope_factor"], e["rope_original_max_position_embeddings"]) == ("yarn", 4.0, 32768)
+    assert e["rope_theta"] == 1_000_000.0
     # The embedding the attention layers build: YaRN over all 131,072 positions, not plain RoPE.
-    assert (e.rotary_embedding, e.rotary_positions) == ("YaRNScalingRotaryEmbedding", 131072)
-    assert (e.tensor_parallel_size, e.pipeline_parallel_size) == (2, 1)
-    assert (e.reasoning_parser, e.tool_call_parser) == ("deepseek-r1", "hermes")
+    assert (e["rotary_embedding"], e["rotary_positions"]) == ("YaRNScalingRotaryEmbedding", 131072)
+    assert (e["tensor_parallel_size"], e["pipeline_parallel_size"]) == (2, 1)
+    assert (e["reasoning_parser"], e["tool_call_parser"]) == ("deepseek-r1", "hermes")
 
 
 @pytest.mark.parametrize("name", ["qwen3-4b-instruct-fp8-sglang", "qwen3-4b-thinking-fp8-sglang"])
-def test_qwen3_fp8_as_sglang_computes_it(effective: dict[str, SglangEffective], name: str) -> None:
+def test_qwen3_fp8_as_sglang_computes_it(effective: dict[str, Effective], name: str) -> None:
     e = effective[name]
-    assert (e.context_length, e.quantization, e.rope_theta) == (262144, "fp8", 5_000_000.0)
-    assert (e.rotary_embedding, e.rope_type) == ("RotaryEmbedding", "default")
-    assert (e.mem_fraction_static, e.max_running_requests, e.chunked_prefill_size) == (0.85, 128, 8192)
-    assert e.radix_cache and e.cuda_graphs and e.enable_metrics
-    assert e.access_log_excluded_prefixes == ["/health", "/metrics"]
-    assert e.sglang_version == sglang_engine.pinned_version()
+    assert (e["context_length"], e["quantization"], e["rope_theta"]) == (262144, "fp8", 5_000_000.0)
+    assert (e["rotary_embedding"], e["rope_type"]) == ("RotaryEmbedding", "default")
+    assert (e["mem_fraction_static"], e["max_running_requests"], e["chunked_prefill_size"]) == (0.85, 128, 8192)
+    assert e["radix_cache"] and e["cuda_graphs"] and e["enable_metrics"]
+    assert e["access_log_excluded_prefixes"] == ["/health", "/metrics"]
+    assert e["sglang_version"] == pinned_version()
 
 
-def test_thinking_uses_sglangs_forced_qwen3_parser(effective: dict[str, SglangEffective]) -> None:
-    assert effective["qwen3-4b-thinking-fp8-sglang"].reasoning_parser == "qwen3-thinking"
-    assert effective["qwen3-4b-instruct-fp8-sglang"].reasoning_parser is None
+def test_thinking_uses_sglangs_forced_qwen3_parser(effective: dict[str, Effective]) -> None:
+    assert effective["qwen3-4b-thinking-fp8-sglang"]["reasoning_parser"] == "qwen3-thinking"
+    assert effective["qwen3-4b-instruct-fp8-sglang"]["reasoning_parser"] is None
 
 
 def test_context_beyond_the_model_fails_with_sglangs_reason() -> None:
     with pytest.raises(CheckError) as err:
-        check_sglang_profile(load_profile("qwen3-4b-instruct-fp8-sglang", ["max_model_len=300000"]))
+        SGLANG.check(load_profile("qwen3-4b-instruct-fp8-sglang", ["max_model_len=300000"]))
     text = str(err.value)
     assert text.startswith("qwen3-4b-instruct-fp8-sglang: SGLang refused the model config (--context-length):")
     assert "User-specified context_length (300000) is greater than the derived context_length (262144)" in text
@@ -70,7 +71,7 @@ def test_context_beyond_the_model_fails_with_sglangs_reason() -> None:
 
 def test_a_flag_sglang_does_not_know_fails_with_its_parser() -> None:
     with pytest.raises(CheckError, match=r"SGLang refused the arguments \(--seed\): unrecognized arguments: --seed"):
-        check_sglang_profile(load_profile("qwen3-4b-instruct-fp8-sglang", ["engine_args={seed: 1}"]))
+        SGLANG.check(load_profile("qwen3-4b-instruct-fp8-sglang", ["engine_args={seed: 1}"]))
 
 
 def test_check_all_validates_both_engines() -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from deploy.chart import CHART_PORT, chart_block
-from deploy.engines import sglang as sglang_engine
-from deploy.engines.sglang_check import check_sglang_profile, effective_from_probe
+from deploy.engines.sglang import Sglang
+from deploy.engines.sglang_check import REQUIREMENTS, effective_values, pinned_version
 from deploy.errors import CheckError, LaunchError, ProfileError
 from deploy.launch import prepare
+from deploy.loader import load_profile
 from deploy.memory_plan import GIB, format_plan, load_gpu_types, plan_memory
 from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
 from deploy.render import engine_args, server_command
 
 QWQ = "qwq-32b-sglang"
@@ -111,11 +111,12 @@ REFUSALS = [
     (["enable_auto_tool_choice=false"], "enable_auto_tool_choice: false, but SGLang answers tool_choice auto"),
     (["enable_chunked_prefill=false"], "max_num_batched_tokens: SGLang's equivalent is the prefill chunk size"),
     (["env={VLLM_USE_V1: '1'}"], "env.VLLM_USE_V1: a vLLM variable, SGLang ignores it"),
-    (["engine_args={max-num-seqs: 8}"], ("engine_args.max-num-seqs: a flag the profile's keys render for SGLang "
-                                        "(or vLLM's name for one): set max_num_seqs instead")),
-    (["engine_args={context-length: 8192}"], "engine_args.context-length: a flag the profile's keys render"),
-    (["engine_args={enable-metrics: true}"], ("engine_args.enable-metrics: a flag the profile's keys render for "
-                                             "SGLang (or vLLM's name for one): remove it, the kit renders it")),
+    (["engine_args={max-num-seqs: 8}"], ("engine_args.max-num-seqs: --max-num-seqs is vLLM's flag for the profile's "
+                                        "max_num_seqs, which renders SGLang's own: set max_num_seqs instead")),
+    (["engine_args={context-length: 8192}"], ("engine_args.context-length: --context-length is rendered from the "
+                                             "profile's max_model_len: set max_model_len instead")),
+    (["engine_args={enable-metrics: true}"], ("engine_args.enable-metrics: SGLang always gets --enable-metrics (the "
+                                             "chart and the benchmarks scrape SGLang's metrics): remove it")),
     (["engine_args={device: cpu}"], "engine_args.device: "),
 ]
 
@@ -143,13 +144,13 @@ def test_every_refusal_is_reported_at_once() -> None:
 
 
 def test_the_pinned_version_is_read_from_the_requirements_file() -> None:
-    pins = [line for line in sglang_engine.REQUIREMENTS.read_text().splitlines() if line.startswith("sglang==")]
-    assert pins == [f"sglang=={sglang_engine.pinned_version()}"]
+    pins = [line for line in REQUIREMENTS.read_text().splitlines() if line.startswith("sglang==")]
+    assert pins == [f"sglang=={pinned_version()}"]
 
 
 def test_check_without_the_sglang_venv_says_how_to_make_it(tmp_path: Path) -> None:
     with pytest.raises(CheckError) as err:
-        check_sglang_profile(load_profile(INSTRUCT), python=tmp_path / "bin" / "python")
+        Sglang(python=tmp_path / "bin" / "python").check(load_profile(INSTRUCT))
     assert str(err.value).startswith(f"{INSTRUCT}: the SGLang validation venv is missing")
     assert "run `make sglang-venv`" in str(err.value)
 
@@ -158,7 +159,7 @@ def _probe_answer(rotary_class: str, positions: int, theta: float = 1000000.0) -
     """The shape deploy/engines/sglang_probe.py prints (its keys; the values a YaRN override that did
     not take would give)."""
     return {
-        "ok": True, "sglang_version": sglang_engine.pinned_version(),
+        "ok": True, "sglang_version": pinned_version(),
         "server_args": {"tp_size": 2, "pp_size": 1, "kv_cache_dtype": "auto"},
         "model_config": {"context_len": 131072, "max_position_embeddings": 131072, "dtype": "bfloat16",
                          "quantization": None},
@@ -171,9 +172,9 @@ def test_check_fails_when_sglang_would_not_build_a_yarn_embedding() -> None:
     profile = load_profile(QWQ)
     assert profile.config_dir is not None
     with pytest.raises(CheckError, match=r"rope_scaling: SGLang would build RotaryEmbedding with 131072 positions"):
-        effective_from_probe(profile, _probe_answer("RotaryEmbedding", 131072), profile.config_dir)
+        effective_values(profile, _probe_answer("RotaryEmbedding", 131072), profile.config_dir)
     with pytest.raises(CheckError, match=r"rope_scaling.rope_theta: SGLang would use 10000.0 .* has 1000000.0"):
-        effective_from_probe(profile, _probe_answer("YaRNScalingRotaryEmbedding", 131072, 10000.0),
+        effective_values(profile, _probe_answer("YaRNScalingRotaryEmbedding", 131072, 10000.0),
                              profile.config_dir)
 
 
@@ -210,3 +211,4 @@ def test_plan_counts_sglangs_budget_weights_and_kv_only() -> None:
     lora = ["lora={max_loras: 2, adapters: [{name: math, source: org/math}]}"]
     assert plan_memory(load_profile(INSTRUCT, lora), gpu, 1).lora_slots == 3  # + the base model's slot
     assert plan_memory(load_profile("qwen3-4b-instruct-fp8", lora), gpu, 1).lora_slots == 2
+

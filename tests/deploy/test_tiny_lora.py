@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from deploy.launch import ensure_adapters
-from deploy.profile import load_profile
+from deploy.loader import load_profile
 from deploy.tiny.lora import GENERATOR_STAMP, RANK, generate
 
 

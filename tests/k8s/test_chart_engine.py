@@ -60,7 +60,7 @@ SERVER = {"vllm": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
 @pytest.mark.parametrize("profile", SHIPPED_GPU_PROFILES)
 def test_vllm_args_equal_deploy_render(all_gpu_profiles: list[dict[str, Any]], profile: str) -> None:
     """The engine container (named after the profile's engine) runs exactly `deploy render`'s argv."""
-    from deploy.profile import load_profile
+    from deploy.loader import load_profile
 
     engine = load_profile(profile).engine
     deployment = one(all_gpu_profiles, "Deployment", f"qwen-qwen-serve-{profile}")

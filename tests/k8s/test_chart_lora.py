@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from deploy.chart import chart_block, values_snippet
-from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
+from deploy.loader import load_profile
+from deploy.paths import REPO_ROOT, is_local
 from serving.config import build_routes, load_config
 from tests.k8s.chart import (
     container,
@@ -169,6 +169,23 @@ def test_adapters_init_container_fails_on_a_missing_adapter_and_fetches_hub_ones
     assert calls.read_text().splitlines() == [f"HF_HOME={cache} download {HUB_SOURCE}"]
     module = lora_modules(container(template, "vllm")["args"])[LOCAL]
     assert (Path(module["path"]) / "adapter_config.json").is_file()
+
+
+def test_the_chart_tells_local_adapters_from_hub_ids_by_the_profiles_rule(tmp_path: Path) -> None:
+    """One local-path rule: the adapters the pods read from the cache volume are exactly those
+    deploy/paths.py's is_local calls directories (the templates test the generated sources)."""
+    sources = {"dot": "./tests/deploy/adapters/qwen3-4b-instruct-support", "abs": str(tmp_path / "absent"),
+               "hub": "org/qwen3-4b-instruct-sql-lora"}
+    adapters = ", ".join(f"{{name: {name}, source: '{source}'}}" for name, source in sources.items())
+    overrides = [f"lora={{max_rank: 16, adapters: [{adapters}]}}"]
+    template = pod(render([lora_values(tmp_path, overrides)]))
+    modules = lora_modules(container(template, "vllm")["args"])
+    lora = load_profile(PROFILE, overrides).lora
+    assert lora is not None
+    read_from_the_volume = {a.name: modules[a.name]["path"] == f"/models/hf/adapters/{a.name}" for a in lora.adapters}
+    assert read_from_the_volume == {a.name: is_local(a.source) for a in lora.adapters} == {
+        "dot": True, "abs": True, "hub": False}
+    assert all((a.path is not None) == is_local(a.source) for a in lora.adapters)
 
 
 def test_adapter_paths_point_at_a_directory_of_your_choice(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from deploy.chart import CHART_PORT, PROFILES_FILE, chart_block, render_profiles_file, values_snippet
+from deploy.loader import known_profiles, load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import Profile, known_profiles, load_profile
+from deploy.profile import Profile
 from serving.config import DEFAULT_FORWARD_PATHS, ConfigError, ProxyConfig, Retries, build_routes, load_config
 from tests.k8s.chart import EXAMPLES, one, render, render_error, render_example
 

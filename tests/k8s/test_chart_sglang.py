@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from deploy.chart import chart_profiles, values_snippet
+from deploy.loader import load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
 from serving.config import build_routes, load_config
 from tests.k8s.chart import container, is_custom, one, render, render_error, validate_core, validate_custom
 from tests.k8s.test_chart_engine import deploy_render
@@ -40,7 +40,7 @@ def sglang_docs() -> list[dict[str, Any]]:
 
 def test_the_sglang_pin_is_the_images_default() -> None:
     """values.yaml's SGLang image is the version deploy/sglang-requirements.txt pins for `deploy check`."""
-    from deploy.engines.sglang import pinned_version
+    from deploy.engines.sglang_check import pinned_version
 
     values = yaml.safe_load((REPO_ROOT / "k8s" / "qwen-serve" / "values.yaml").read_text())
     assert values["engine"]["images"]["sglang"]["tag"] == f"v{pinned_version()}"

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.errors import LaunchError
+from deploy.loader import load_profile
 from deploy.paths import REPO_ROOT
-from deploy.profile import load_profile
 from deploy.ray.preflight import NodeFacts, check
 from tests.conftest import free_port, wait_until
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from deploy.profile import load_profile
+from deploy.loader import load_profile
 from tests.conftest import Service, start_proxy, start_scripted_upstream
 
 PROFILE = "qwen3-4b-thinking-fp8-sglang"
