@@ -74,7 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     gpu = gpu_types[args.gpu]
     gpus = args.gpus or profile.parallelism.world_size
     result = plan_memory(profile, gpu, gpus, overhead_gib=args.overhead_gib)
-    print(format_plan(result, None if result.fits else smallest_fit(profile, gpu)))
+    print(format_plan(result, None if result.kv_fits else smallest_fit(profile, gpu)))
     return 0 if result.fits else 1
 
 

@@ -3,7 +3,9 @@
 Everything is computed from config.json and the profile; GPU sizes are data (configs/gpus.yaml).
 The figures are estimates of the same arithmetic vLLM does at start-up (weights, then KV cache
 in what is left under gpu_memory_utilization), minus a fixed allowance for activations and CUDA
-graphs that vLLM measures by profiling and that cannot be known without a GPU.
+graphs that vLLM measures by profiling and that cannot be known without a GPU. Where the
+profile's engine keeps activations outside that budget (SGLang's --mem-fraction-static), the
+allowance must fit in what the budget leaves of the GPU instead.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class MemoryPlan:
     lora_rank: int = 0  # --max-lora-rank; 0: LoRA off
     lora_slots: int = 0  # --max-loras
     lora_bytes_per_slot_per_gpu: int = 0
+    gpu_memory_utilization: float = 0.9
     # False: the engine's budget holds weights + KV only (SGLang's --mem-fraction-static), and
     # activations and CUDA graphs live in what it leaves of the GPU; `budget` names that flag.
     activations_in_budget: bool = True
@@ -155,8 +158,17 @@ class MemoryPlan:
         return int(self.gpu.memory_gib * GIB) - self.usable_bytes_per_gpu
 
     @property
-    def fits(self) -> bool:
+    def kv_fits(self) -> bool:
         return self.full_sequences >= 1.0
+
+    @property
+    def activations_fit(self) -> bool:
+        """The activations/CUDA graphs allowance fits where the engine puts it."""
+        return self.activations_in_budget or self.left_per_gpu >= self.overhead_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_fits and self.activations_fit
 
 
 def read_shape(profile: Profile) -> ModelShape:
@@ -202,19 +214,31 @@ def plan_memory(
         weight_bytes_per_gpu=weight_per_gpu, usable_bytes_per_gpu=usable, kv_space_per_gpu=kv_space,
         max_model_len=profile.max_model_len, overhead_gib=overhead_gib,
         lora_rank=lora_rank, lora_slots=lora_slots, lora_bytes_per_slot_per_gpu=lora_slot,
+        gpu_memory_utilization=profile.gpu_memory_utilization,
         activations_in_budget=engine.budget_holds_activations, budget=f"{engine.label}'s {engine.budget_flag}",
     )
 
 
 def smallest_fit(profile: Profile, gpu: GpuType, limit: int = 64) -> MemoryPlan | None:
-    """The fewest GPUs (tensor parallel, sizes vLLM accepts: dividing the head count) that fit."""
+    """The fewest GPUs (tensor parallel, sizes vLLM accepts: dividing the head count) whose KV
+    cache holds a full-length sequence (the activations allowance is per GPU: more do not help)."""
     heads = read_shape(profile).heads
     for n in range(1, limit + 1):
         if heads % n == 0:
             candidate = plan_memory(profile, gpu, n, tensor=n)
-            if candidate.fits:
+            if candidate.kv_fits:
                 return candidate
     return None
+
+
+def largest_utilization(gpu: GpuType, overhead_gib: float) -> float:
+    """The highest gpu_memory_utilization (two decimals) that leaves overhead_gib of the GPU, by
+    plan_memory's own arithmetic; 0.0 when none does."""
+    total = int(gpu.memory_gib * GIB)
+    for hundredths in range(99, 0, -1):
+        if total - int(gpu.memory_gib * GIB * (hundredths / 100)) >= overhead_gib * GIB:
+            return hundredths / 100
+    return 0.0
 
 
 def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
@@ -251,10 +275,22 @@ def format_plan(p: MemoryPlan, smallest: MemoryPlan | None) -> str:
     ]
     if p.fits:
         lines.append(f"verdict            fits: {int(p.full_sequences)} full-length sequence(s) at once")
-    else:
+        return "\n".join(lines)
+    reasons = []
+    if not p.kv_fits:
         fix = (
             f"the smallest that fits is {smallest.gpus} x {p.gpu.name} (tensor parallel {smallest.tensor})"
             if smallest else f"no count of {p.gpu.name} up to 64 fits; lower max_model_len or use fp8"
         )
-        lines.append(f"verdict            DOES NOT FIT one {p.max_model_len:,}-token sequence: {fix}")
+        reasons.append(f"one {p.max_model_len:,}-token sequence: {fix}")
+    if not p.activations_fit:
+        highest = largest_utilization(p.gpu, p.overhead_gib)
+        fix = (f"lower gpu_memory_utilization to {highest:.2f} or less" if highest > 0
+               else f"no gpu_memory_utilization leaves that much of a {p.gpu.memory_gib} GiB GPU")
+        reasons.append(
+            f"the {p.overhead_gib} GiB activations/graphs estimate: gpu_memory_utilization "
+            f"{p.gpu_memory_utilization} ({p.budget}) leaves {gib(p.left_per_gpu)} per GPU outside it; {fix} "
+            "(or pass --overhead-gib with what you measured)"
+        )
+    lines.append("verdict            DOES NOT FIT " + "; nor ".join(reasons))
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from deploy.engines.sglang_check import REQUIREMENTS, effective_values, pinned_v
 from deploy.errors import CheckError, LaunchError, ProfileError
 from deploy.launch import prepare
 from deploy.loader import load_profile
-from deploy.memory_plan import GIB, format_plan, load_gpu_types, plan_memory
+from deploy.memory_plan import GIB, format_plan, load_gpu_types, plan_memory, smallest_fit
 from deploy.paths import REPO_ROOT
 from deploy.render import engine_args, server_command
 
@@ -212,3 +212,38 @@ def test_plan_counts_sglangs_budget_weights_and_kv_only() -> None:
     assert plan_memory(load_profile(INSTRUCT, lora), gpu, 1).lora_slots == 3  # + the base model's slot
     assert plan_memory(load_profile("qwen3-4b-instruct-fp8", lora), gpu, 1).lora_slots == 2
 
+
+def test_plan_verdict_counts_what_sglangs_fraction_leaves_for_activations() -> None:
+    """SGLang's activations and CUDA graphs live outside --mem-fraction-static: at 0.98 of an
+    80 GiB GPU 1.6 GiB is left for a 2 GiB estimate, which does not fit however roomy the KV is."""
+    a100 = load_gpu_types()["a100-80gb"]
+    assert a100.memory_gib == 80.0
+    tight = plan_memory(load_profile(INSTRUCT, ["gpu_memory_utilization=0.98"]), a100, 1)
+    assert tight.kv_fits and tight.full_sequences >= 2 and not tight.activations_fit and not tight.fits
+    text = format_plan(tight, None)
+    assert "1.6 GiB left for activations/graphs, 2.0 GiB estimated" in text
+    assert text.endswith(
+        "verdict            DOES NOT FIT the 2.0 GiB activations/graphs estimate: gpu_memory_utilization 0.98 "
+        "(SGLang's --mem-fraction-static) leaves 1.6 GiB per GPU outside it; lower gpu_memory_utilization to 0.97 "
+        "or less (or pass --overhead-gib with what you measured)")
+    assert plan_memory(load_profile(INSTRUCT, ["gpu_memory_utilization=0.97"]), a100, 1).fits  # the advice works
+    assert plan_memory(load_profile(INSTRUCT, ["gpu_memory_utilization=0.98"]), a100, 1, overhead_gib=1.5).fits
+    # vLLM takes the allowance out of its own budget: the same fraction fits there.
+    assert plan_memory(load_profile("qwen3-4b-instruct-fp8", ["gpu_memory_utilization=0.98"]), a100, 1).fits
+
+
+def test_plan_names_both_shortfalls_and_the_smallest_count_for_the_kv() -> None:
+    l4 = load_gpu_types()["l4"]
+    plan = plan_memory(load_profile(QWQ, ["gpu_memory_utilization=0.95"]), l4, 1, tensor=1)
+    assert not plan.kv_fits and not plan.activations_fit
+    verdict = format_plan(plan, smallest_fit(load_profile(QWQ, ["gpu_memory_utilization=0.95"]), l4)).splitlines()[-1]
+    assert verdict.startswith("verdict            DOES NOT FIT one 131,072-token sequence: the smallest that fits is ")
+    assert "; nor the 2.0 GiB activations/graphs estimate: gpu_memory_utilization 0.95 " in verdict
+
+
+def test_cli_plan_exits_1_when_the_activations_do_not_fit() -> None:
+    result = subprocess.run([sys.executable, "-m", "deploy", "plan", INSTRUCT, "--gpu", "a100-80gb", "--set",
+                             "gpu_memory_utilization=0.98"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "DOES NOT FIT the 2.0 GiB activations/graphs estimate" in result.stdout
