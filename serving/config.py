@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,9 +32,13 @@ class Listen(Strict):
 class Timeouts(Strict):
     connect_seconds: float = Field(default=5.0, gt=0, description="TCP connect to a backend.")
     first_byte_seconds: float = Field(
-        default=600.0, gt=0, description="Until the first response byte: long for reasoning models' prefill."
-    )
+        default=600.0, gt=0, description="Until the response starts (its head and first byte): long for "
+        "reasoning models' prefill.")
     idle_seconds: float = Field(default=120.0, gt=0, description="Longest silence between two streamed chunks.")
+    response_seconds: float | None = Field(
+        default=None, gt=0, description="Until the last byte of a whole (non-streamed) answer, which vLLM "
+        "sends only once it has generated every token. null: derived from the model's profile (the largest "
+        "max_tokens it allows at a slow decode rate).")
 
 
 class Affinity(Strict):
@@ -56,12 +61,32 @@ class Affinity(Strict):
         return value.lower()  # header names arrive lower-cased
 
 
+class OutlierEjection(Strict):
+    consecutive_failures: int = Field(
+        default=5, ge=0, le=1000, description="Failures in a row (a 5xx the backend produced, a reset or cut "
+        "after the request went out, a timeout; never a client's 4xx) that take a backend out of rotation; "
+        "0 turns ejection off. Envoy's outlier detection defaults to 5 consecutive 5xx.")
+    base_ejection_seconds: float = Field(
+        default=30.0, gt=0, description="Cool-down of a first ejection; each further one lasts this times the "
+        "number of ejections (Envoy's base_ejection_time). Then one request is let through (half-open): "
+        "success puts the backend back, failure ejects it again.")
+    max_ejection_seconds: float = Field(default=300.0, gt=0, description="Longest cool-down.")
+    max_ejected_percent: int = Field(
+        default=50, ge=0, le=100, description="Most of a model's backends out at once (at least one may always "
+        "be, when there are two or more); the last usable backend is never ejected.")
+
+
 class ModelEntry(Strict):
     profile: str = Field(description="Profile name in configs/models; names, aliases and sampling come from it.")
     backends: list[str] = Field(
         min_length=1, description="vLLM base URLs, e.g. http://127.0.0.1:8100. A host name that resolves to "
         "several addresses (a Kubernetes headless Service) is one backend per address.")
+    discover: bool = Field(
+        default=False, description="Resolve each backend host name every dns_refresh_seconds and use every "
+        "address as a backend (a Kubernetes headless Service); requests keep the URL's host name in Host and "
+        "TLS. false: each URL is one backend, as written.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    outlier_ejection: OutlierEjection = Field(default_factory=OutlierEjection)
     routing: Literal["prefix_affinity", "least_in_flight"] = Field(
         default="prefix_affinity", description="prefix_affinity: requests sharing a prompt prefix or session go "
         "to the same backend (its prefix cache), within bounded load; least_in_flight: the backend with the "
@@ -88,11 +113,27 @@ class Auth(Strict):
 
 class Limits(Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    requests_per_minute_per_key: int | None = Field(default=None, ge=1)
+    requests_per_minute_per_key: int | None = Field(
+        default=None, ge=1, description="Per identity and per proxy process: the API key when keys are "
+        "configured, else the client's address.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Addresses or CIDRs whose X-Forwarded-For is believed: a request "
+        "from one of them is identified by the right-most X-Forwarded-For address that is not trusted.")
     # Longer than load balancers' usual 60 s keep-alive, so they close first.
     client_idle_seconds: float = Field(
         default=75.0, gt=0, description="A client connection with no whole request for this long is closed "
         "(idle keep-alive, or part of a request and then nothing).")
+
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {item!r} must be an IP address or CIDR (e.g. 10.0.0.0/8)") from None
+        return value
 
 
 class Retries(Strict):
@@ -112,7 +153,10 @@ class ProxyConfig(Strict):
         default_factory=lambda: list(DEFAULT_FORWARD_PATHS),
         description="Paths besides /v1/chat/completions and /v1/completions forwarded untouched to the backend "
         "of the body's `model`; anything else under /v1/ is a 404 that never reaches a backend.")
-    drain_seconds: float = Field(default=30.0, ge=0)
+    drain_seconds: float = Field(
+        default=1200.0, ge=0, description="On SIGTERM, the longest the proxy waits for requests in flight: "
+        "a QwQ-32B answer at its default max_tokens (32,768) takes ~18 min at 30 tokens/s. The drain ends "
+        "as soon as nothing is in flight, so only a pod with long streams takes this long.")
     health_interval_seconds: float = Field(default=2.0, gt=0)
     dns_refresh_seconds: float = Field(
         default=5.0, gt=0, description="Backend host names are re-resolved this often; addresses that appear "

@@ -46,8 +46,8 @@ def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, check=False)
 
 
-def template_args(values: list[Path], sets: list[str]) -> list[str]:
-    args = ["template", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--kube-version", KUBERNETES_VERSION]
+def template_args(values: list[Path], sets: list[str], kube_version: str = KUBERNETES_VERSION) -> list[str]:
+    args = ["template", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--kube-version", kube_version]
     for path in values:
         args += ["-f", str(path)]
     for item in sets:
@@ -63,11 +63,25 @@ def render(values: list[Path] | None = None, sets: list[str] | None = None) -> l
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def render_error(values: list[Path] | None = None, sets: list[str] | None = None) -> str:
+def render_error(values: list[Path] | None = None, sets: list[str] | None = None,
+                 kube_version: str = KUBERNETES_VERSION) -> str:
     """`helm template` that must fail → its error message."""
-    result = run_helm(*template_args(values or [], sets or []))
+    result = run_helm(*template_args(values or [], sets or [], kube_version))
     assert result.returncode != 0, "helm template accepted values it should refuse"
     return result.stderr
+
+
+def notes(values: list[Path] | None = None, sets: list[str] | None = None) -> str:
+    """NOTES.txt as `helm install` prints it (`--dry-run=client` renders it without a cluster)."""
+    args = ["install", RELEASE, str(CHART_DIR), "--dry-run=client", "--namespace", NAMESPACE]
+    for path in values or []:
+        args += ["-f", str(path)]
+    for item in sets or []:
+        args += ["--set", item]
+    result = run_helm(*args)
+    if result.returncode != 0:
+        pytest.fail(f"helm install --dry-run failed:\n{result.stderr}")
+    return result.stdout.split("NOTES:", 1)[1]
 
 
 @functools.cache

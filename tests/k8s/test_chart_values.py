@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from deploy.chart import CHART_DIR
 from serving.config import ProxyConfig
 from tests.k8s.chart import render, render_error, run_helm, template_args
 
@@ -110,12 +115,61 @@ def test_forward_paths_are_refused_as_the_proxy_refuses_them(tmp_path: Path, pat
         assert result.returncode != 0 and "/proxy/forwardPaths/1" in result.stderr, result.stderr
 
 
+def _proxy_accepts_trusted(value: str) -> bool:
+    try:
+        ProxyConfig.model_validate({"models": [{"profile": "qwq-32b", "backends": ["http://h:8000"]}],
+                                    "limits": {"trusted_proxies": [value]}})
+    except ValidationError:
+        return False
+    return True
+
+
+TRUSTED_PATTERN = re.compile(json.loads((CHART_DIR / "values.schema.json").read_text())["properties"]["proxy"][
+    "properties"]["limits"]["properties"]["trustedProxies"]["items"]["pattern"])
+
+
+@pytest.mark.parametrize(("value", "accepted"), [
+    ("10.244.0.0/16", True), ("10.0.0.0/8", True), ("192.168.1.7", True), ("0.0.0.0/0", True),
+    ("10.1.2.3/8", True), ("255.255.255.255/32", True), ("fd00::/8", True), ("::1", True), ("::/0", True),
+    ("2001:db8::1/128", True), ("2001:DB8:0:0:0:0:0:1", True), ("1:2:3:4:5:6:7::", True), ("::2:3:4:5:6:7:8", True),
+    ("256.0.0.1", False), ("10.0.0.0/33", False), ("10.0.0", False), ("10.0.0.0/", False), ("fd00::/129", False),
+    ("ingress-nginx", False), ("", False), (" 10.0.0.0/8", False), ("10.0.0.0/8\n", False), ("1:2:3:4:5:6:7:8:9", False),
+    ("2001:db8:::1", False), ("010.0.0.1", False), ("10.0.0.1-10.0.0.9", False), ("*", False),
+])
+def test_trusted_proxies_are_refused_where_the_proxy_refuses_them(tmp_path: Path, value: str, accepted: bool) -> None:
+    """proxy.limits.trustedProxies: the schema and serving/config.py agree on common values and mistakes."""
+    assert _proxy_accepts_trusted(value) == accepted
+    values = values_file(tmp_path, {"models": {"qwq-32b": {"enabled": True}},
+                                    "proxy": {"limits": {"trustedProxies": ["10.0.0.0/8", value]}}})
+    result = run_helm(*template_args([values], []))
+    if accepted:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0 and "/proxy/limits/trustedProxies/1" in result.stderr, result.stderr
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.from_regex(TRUSTED_PATTERN, fullmatch=True))
+def test_every_trusted_proxy_the_schema_accepts_the_proxy_accepts(value: str) -> None:
+    """The chart never installs a value the proxy would refuse at start (a crash loop). It refuses a few
+    the proxy takes (netmask notation such as 10.0.0.0/255.0.0.0, zero-padded prefixes, embedded IPv4)."""
+    assert _proxy_accepts_trusted(value), value
+
+
 @pytest.mark.parametrize(("sets", "message"), [
     (["proxy.retries.maxAttempts=0"], "/proxy/retries/maxAttempts"),
     (["proxy.retries.maxAttempts=11"], "/proxy/retries/maxAttempts"),
     (["proxy.retries.attempts=2"], "additional properties 'attempts' not allowed"),
     (["proxy.forwardPaths=/v1/embeddings"], "/proxy/forwardPaths"),
     (["models.qwq-32b.hubIdName=yes"], "/models/qwq-32b/hubIdName"),
+    (["proxy.timeouts.responseSeconds=0"], "/proxy/timeouts/responseSeconds"),
+    (["proxy.timeouts.response_seconds=60"], "additional properties 'response_seconds' not allowed"),
+    (["proxy.outlierEjection.consecutiveFailures=-1"], "/proxy/outlierEjection/consecutiveFailures"),
+    (["proxy.outlierEjection.maxEjectedPercent=101"], "/proxy/outlierEjection/maxEjectedPercent"),
+    (["proxy.outlierEjection.baseEjectionSeconds=0"], "/proxy/outlierEjection/baseEjectionSeconds"),
+    (["proxy.outlierEjection.maxEjectionSeconds=0"], "/proxy/outlierEjection/maxEjectionSeconds"),
+    (["proxy.outlierEjection.interval=10"], "additional properties 'interval' not allowed"),
+    (["proxy.limits.trustedProxies=10.0.0.0/8"], "/proxy/limits/trustedProxies"),
 ])
 def test_bad_proxy_values_are_refused_by_the_schema(sets: list[str], message: str) -> None:
     error = render_error(sets=["models.qwq-32b.enabled=true", *sets])

@@ -23,10 +23,10 @@ from tests.observability.conftest import (
     query_panels,
 )
 
-ALERTS = {"QwenBackendDown", "QwenErrorRatioHigh", "QwenTTFTP99High", "QwenKVCacheNearFull",
-          "QwenPreemptionsRising", "QwenProxySaturated"}
+ALERTS = {"QwenBackendDown", "QwenErrorRatioHigh", "QwenBackendEjected", "QwenProxyInternalErrors",
+          "QwenTTFTP99High", "QwenKVCacheNearFull", "QwenPreemptionsRising", "QwenProxySaturated"}
 THRESHOLDS = {"backendDownFor": "2m", "errorRatio": 0.05, "ttftP99Seconds": 10, "kvCacheUsage": 0.9,
-              "preemptionsPerMinute": 1, "proxyInFlightPerReplica": 256}
+              "preemptionsPerMinute": 1, "proxyInFlightPerReplica": 256, "backendEjections": 3}
 
 
 def rules() -> list[dict[str, Any]]:
@@ -100,7 +100,7 @@ def test_threshold_keys_and_defaults_in_values() -> None:
 
 def test_thresholds_come_from_values(helm: Path, render_rules: ModuleType) -> None:
     custom = {"backendDownFor": "7m", "errorRatio": 0.123, "ttftP99Seconds": 42, "kvCacheUsage": 0.77,
-              "preemptionsPerMinute": 9, "proxyInFlightPerReplica": 1234}
+              "preemptionsPerMinute": 9, "proxyInFlightPerReplica": 1234, "backendEjections": 6}
     manifest = render_rules.helm_template(helm, values=["monitoring.prometheusRule.enabled=true"] + [
         f"monitoring.prometheusRule.thresholds.{key}={value}" for key, value in custom.items()])
     rendered = {rule["alert"]: rule for group in render_rules.rules_from_manifest(manifest)["groups"]
@@ -112,6 +112,7 @@ def test_thresholds_come_from_values(helm: Path, render_rules: ModuleType) -> No
     assert "vllm:kv_cache_usage_perc > 0.77" in rendered["QwenKVCacheNearFull"]["expr"]
     assert rendered["QwenPreemptionsRising"]["expr"].rstrip().endswith("> 9")
     assert rendered["QwenProxySaturated"]["expr"].rstrip().endswith("> 1234")
+    assert rendered["QwenBackendEjected"]["expr"].rstrip().endswith(">= 6")
     # Prometheus' own templates survive Helm's tpl untouched.
     assert "{{ $labels.model }}" in rendered["QwenErrorRatioHigh"]["annotations"]["summary"]
 

@@ -442,3 +442,69 @@ affinity: {{- toYaml . | nindent 2 }}
 securityContext: {{- toYaml .m.engine.podSecurityContext | nindent 2 }}
 terminationGracePeriodSeconds: {{ .m.engine.terminationGracePeriodSeconds }}
 {{- end }}
+
+{{/*
+The proxy's shutdown: the grace period (pod deletion -> SIGKILL) must cover the preStop pause,
+then the drain (proxy.yaml drain_seconds), then $margin seconds for the process to exit.
+null derives it; a lower value is refused, since SIGKILL would cut streams the drain may finish.
+*/}}
+{{- define "qwen-serve.proxy.gracePeriod" -}}
+{{- $proxy := .Values.proxy }}
+{{- $margin := 5 }}
+{{- $needed := add (int $proxy.preStop.sleepSeconds) (ceil $proxy.drainSeconds | int) $margin }}
+{{- $grace := $proxy.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $grace }}
+{{- $needed }}
+{{- else if lt (int $grace) (int $needed) }}
+{{- fail (printf "proxy.terminationGracePeriodSeconds (%d) must be at least proxy.preStop.sleepSeconds (%d) + proxy.drainSeconds (%v) + %d s for the proxy to exit = %d: Kubernetes would kill the proxy while it still finishes requests. Raise it to %d, leave it null to derive it, or lower proxy.drainSeconds." (int $grace) (int $proxy.preStop.sleepSeconds) $proxy.drainSeconds $margin (int $needed) (int $needed)) }}
+{{- else }}
+{{- int $grace }}
+{{- end }}
+{{- end }}
+
+{{/*
+The proxy container's preStop pause: it keeps serving while its endpoint removal reaches
+kube-proxy and the ingress controllers, before the kubelet sends SIGTERM. Empty when disabled.
+*/}}
+{{- define "qwen-serve.proxy.lifecycle" -}}
+{{- $pause := .Values.proxy.preStop }}
+{{- if gt (int $pause.sleepSeconds) 0 }}
+{{- if eq $pause.action "sleep" }}
+{{- if not (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "proxy.preStop.action sleep needs Kubernetes 1.30 or later (the PodLifecycleSleepAction feature is on by default from 1.30); this cluster is %s: set proxy.preStop.action=exec, which runs `sleep %d` in the proxy container." .Capabilities.KubeVersion.Version (int $pause.sleepSeconds)) }}
+{{- end }}
+preStop:
+  sleep:
+    seconds: {{ int $pause.sleepSeconds }}
+{{- else }}
+preStop:
+  exec:
+    command: ["sleep", {{ int $pause.sleepSeconds | quote }}]
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The proxy's in-cluster paths an Ingress path would publish, as "host path -> internal path"
+lines (empty: none). Prefix matches whole path elements (Kubernetes' rule); ImplementationSpecific
+is taken as a plain string prefix, as ingress-nginx reads it.
+*/}}
+{{- define "qwen-serve.proxy.ingressLeaks" -}}
+{{- $ingress := .Values.proxy.ingress }}
+{{- if $ingress.enabled }}
+{{- range $host := $ingress.hosts }}
+{{- range ($host.paths | default $ingress.paths) }}
+{{- $path := .path }}
+{{- $type := .pathType }}
+{{- range $internal := list "/metrics" "/ready" "/health" }}
+{{- $exact := eq $path $internal }}
+{{- $prefix := and (eq $type "Prefix") (hasPrefix (printf "%s/" (trimSuffix "/" $path)) $internal) }}
+{{- $loose := and (eq $type "ImplementationSpecific") (hasPrefix $path $internal) }}
+{{- if or $exact $prefix $loose }}
+{{ $host.host }}{{ $path }} ({{ $type }}) -> {{ $internal }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
