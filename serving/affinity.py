@@ -105,6 +105,7 @@ class Placements(Generic[C]):
         self.limit = limit
         self._live: OrderedDict[int, tuple[C, float]] = OrderedDict()  # key -> (backend, last used)
         self._idle: OrderedDict[int, C] = OrderedDict()
+        self._expired_at = float("-inf")
 
     def __len__(self) -> int:
         return len(self._live) + len(self._idle)
@@ -112,20 +113,28 @@ class Placements(Generic[C]):
     def home(self, key: int, now: float) -> C | None:
         """Where the key's prefix is, if it was placed (expiring what was not used lately first)."""
         live = self._live
-        horizon = now - self.live_seconds
-        while live:
-            oldest, (backend, used) = next(iter(live.items()))
-            if used >= horizon:
-                break
-            del live[oldest]
-            backend.keys -= 1
-            self._idle[oldest] = backend
+        if now - self._expired_at >= 1.0:  # a second's precision is plenty for a window of minutes
+            self._expired_at = now
+            horizon = now - self.live_seconds
+            while live:
+                oldest, (backend, used) = next(iter(live.items()))
+                if used >= horizon:
+                    break
+                del live[oldest]
+                backend.keys -= 1
+                self._idle[oldest] = backend
         entry = live.get(key)
         return entry[0] if entry is not None else self._idle.get(key)
 
     def place(self, key: int, backend: C, now: float) -> None:
         """The key is (still) on `backend` and was used now."""
-        entry = self._live.pop(key, None)
+        live = self._live
+        entry = live.get(key)
+        if entry is not None and entry[0] is backend:  # the common case: another turn where it was
+            live[key] = (backend, now)
+            live.move_to_end(key)
+            return
+        entry = live.pop(key, None)
         if entry is None:
             if self._idle.pop(key, None) is None and len(self) >= self.limit:
                 self._forget_oldest()

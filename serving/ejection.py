@@ -7,12 +7,12 @@ after the request went out, or a timeout; a 2xx or a client's 4xx is a success a
 count. After `consecutive_failures` in a row the backend is ejected for base x the times it was
 ejected (at most `max_ejection_seconds`), never when that would leave the model without a usable
 backend, nor beyond `max_ejected_percent` of its backends (one may always go when there are two
-or more, as Envoy does). After the cool-down it is half-open: one request at a time goes to it
-(a request it takes while nothing else is in flight there); a success puts it back in rotation,
-a failure ejects it again, for longer. Its /health answering does not end an ejection: that is
-exactly what it already did while failing. Each time in rotation for `base_ejection_seconds`
-takes one off the multiplier, so a backend that recovered is not ejected for the maximum at its
-next stumble. Nothing here retries a request: it only decides where the next ones go.
+or more, as with Envoy's always_eject_one_host). After the cool-down it is half-open: it takes
+one request at a time (only while nothing of its own is in flight); a success puts it back in
+rotation, a failure ejects it again, for longer. Its /health answering does not end an ejection:
+it answered all along. Each `base_ejection_seconds` back in rotation forgives one ejection, so a
+backend that recovered is not ejected for the maximum at its next stumble. Nothing here retries
+a request: it only decides where the next ones go.
 """
 
 from __future__ import annotations

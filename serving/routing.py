@@ -111,11 +111,12 @@ class ModelBackends:
         self.ejection.report(backend, ok, self.backends)
 
     def _by_key(self, key: int, healthy: list[Backend]) -> tuple[Backend, str]:
-        limit = capacity([b.in_flight for b in healthy], self.epsilon, self.headroom)
+        loads = [b.in_flight for b in healthy]
         usable = set(healthy)
         now = self.clock()
         home = self._placed.home(key, now)
         if home is not None:
+            limit = capacity(loads, self.epsilon, self.headroom)
             if home in usable and home.in_flight < limit:
                 self._placed.place(key, home, now)
                 return home, "affinity"
@@ -128,9 +129,13 @@ class ModelBackends:
         # A key not seen before (or forgotten): no backend has its prefix yet, so it is placed for
         # balance, on its ring owner unless that one already holds more than (1 + epsilon) x the mean
         # of the live keys placed (consistent hashing with bounded loads, counted in keys): a handful
-        # of conversations then splits evenly, which in-flight bounds alone do not make.
+        # of conversations then splits evenly, which in-flight bounds alone do not make. Nor more than
+        # (1 + epsilon) x the mean in flight: the headroom above that keeps a conversation where its
+        # history is, and a new one has none, so a replica that just joined (holding no keys) takes new
+        # conversations up to that share of the load, and the others take the rest.
         bound = capacity([b.keys for b in healthy], self.epsilon)
-        chosen = self._first_with_room(key, {b for b in healthy if b.keys < bound}, limit, healthy)
+        chosen = self._first_with_room(key, {b for b in healthy if b.keys < bound}, capacity(loads, self.epsilon),
+                                       healthy)
         self._placed.place(key, chosen, now)
         return chosen, "new"
 

@@ -171,7 +171,7 @@ def test_at_most_max_ejected_percent_and_at_least_one() -> None:
     assert backends.health()["backends"][backends.backends[2].url] == "up"
     none_allowed = model(2, max_ejected_percent=0)
     fail(none_allowed, none_allowed.backends[0], 5)
-    assert none_allowed.health()["ejected"] == 1  # one may always go (as in Envoy)
+    assert none_allowed.health()["ejected"] == 1  # one may always go (as with Envoy's always_eject_one_host)
 
 
 def test_zero_consecutive_failures_turns_ejection_off() -> None:

@@ -105,26 +105,34 @@ def spread(count: int, start: int = 0) -> list[int]:
     return [key * 0xD1B54A32D192ED03 % 2**64 for key in range(start + 1, start + count + 1)]
 
 
-def test_a_joining_backend_takes_new_conversations_up_to_the_in_flight_bound_then_the_others_do() -> None:
-    """Issue 24's scale-out: 300 conversations placed on A while B was away, then B becomes healthy
-    and 120 new conversations arrive together. B, holding no keys, is where the key bound sends
-    them, but only while it carries no more than the in-flight bound over both: then A takes them.
-    Before, B took all 120 (A had room, but the fallback stayed among the key-bound's choices)."""
+def join_with(new: int) -> tuple[int, int]:
+    """300 conversations placed on A while B was away, then B healthy and `new` conversations
+    arriving together (each still in flight when the next comes): how many each took."""
     model = backends()
     a, b = model.backends
     b.healthy = False
     assert all(model.pick(set(), key) is a for key in spread(300))  # idle conversations: nothing in flight
     b.healthy = True
     took = {a: 0, b: 0}
-    for key in spread(120, start=300):
+    for key in spread(new, start=300):
         chosen = model.pick(set(), key)
         assert chosen is not None
-        chosen.in_flight += 1  # every one still in flight when the next arrives
+        chosen.in_flight += 1
         took[chosen] += 1
-        assert b.in_flight <= capacity([a.in_flight, b.in_flight - 1], 0.25, 8)
-    # At 120 in flight the bound is max(ceil(1.25 x 120 / 2), ceil(120 / 2) + 8) = 75.
-    assert (took[a], took[b]) == (45, 75)
-    assert decisions(model, "new") == 420
+        # Never more than (1 + epsilon) x the mean in flight, the new one included.
+        assert b.in_flight <= capacity([a.in_flight, b.in_flight - 1], 0.25)
+    assert decisions(model, "new") == 300 + new
+    return took[a], took[b]
+
+
+def test_a_joining_backend_takes_new_conversations_up_to_the_in_flight_bound_then_the_others_do() -> None:
+    """Issue 24's scale-out: B holds no keys, so the key bound sends it every new conversation, but
+    only while it carries no more than (1 + epsilon) x the mean in flight over both: then A takes
+    them. Before, B took all 120 (A had room, but the fallback stayed among the key bound's
+    choices). The headroom that keeps a conversation on its backend does not apply to a new one
+    (no history anywhere): at 16 in flight it would have let B carry all 16."""
+    assert join_with(120) == (45, 75)  # ceil(1.25 x 120 / 2) = 75
+    assert join_with(16) == (6, 10)  # ceil(1.25 x 16 / 2) = 10
 
 
 def test_keys_not_used_lately_weigh_on_no_placement_but_still_find_their_history() -> None:
