@@ -2,6 +2,7 @@
 the proxy, on vLLM's own prefix-cache counters.
 
     python -m benchmarks.routing [--policies least_in_flight prefix_affinity] [--shapes history long-system]
+    python -m benchmarks.routing --scale-out [--join-after 20] [--after-join 60] [--concurrency 16]
 
 Starts two vLLM servers (`python -m deploy serve <profile> --port P`; --backend-url uses running
 ones instead) and one proxy per setup (`python -m serving --config <generated file>`): one with
@@ -11,6 +12,10 @@ multi-turn workload (benchmarks/conversations.py) through each proxy, each run o
 side by side: the prefix-cache hit rate over the servers, requests per server and max / mean,
 TTFT p50 / p99, the proxy's routing decisions by reason, and issue 14's targets on the
 history-dominated shape. Results: one JSON per run and a summary under --results-dir.
+
+--scale-out runs another comparison instead (benchmarks/scale_out.py): a second vLLM joins while
+users run conversations through one proxy, and the joining replica's figures are printed against
+the one that served alone.
 """
 
 from __future__ import annotations
@@ -107,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
                         help="two-server setups, one per routing policy (default: both)")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["history", "long-system"])
-    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--conversations", type=int,
+                        help="per run (default 16; with --scale-out, the most the users may start: 1000)")
     parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--concurrency", type=int, default=8, help="turns in flight (default %(default)s)")
+    parser.add_argument("--concurrency", type=int,
+                        help="turns in flight (default 8; with --scale-out, users running conversations: 16)")
     parser.add_argument("--output-len", type=int, default=64, help="tokens per answer (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=4, help="single-turn requests before each run")
     parser.add_argument("--seed", type=int, help="first run's seed, +1 per run (default: fresh, printed)")
@@ -121,11 +128,31 @@ def main(argv: list[str] | None = None) -> int:
                         "core (default: kept apart, see benchmarks/processes.py's Cores)")
     parser.add_argument("--session-header", help="send each conversation's id in this header, e.g. x-session-id")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
+    scale = parser.add_argument_group("scale-out", "a second vLLM joins mid-run (KEDA adding a replica)")
+    scale.add_argument("--scale-out", action="store_true",
+                       help="run the scale-out comparison instead: vLLM b starts while users run conversations "
+                       "through one proxy (prefix_affinity, the first of --shapes)")
+    scale.add_argument("--join-after", type=float, default=20.0,
+                       help="seconds of load on a alone before b is started (default %(default)s)")
+    scale.add_argument("--after-join", type=float, default=60.0,
+                       help="seconds of load once the proxy has b in rotation (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.conversations is None:
+        args.conversations = 1000 if args.scale_out else 16
+    if args.concurrency is None:
+        args.concurrency = 16 if args.scale_out else 8
     if min(args.conversations, args.turns, args.concurrency, args.output_len) < 1 or args.warmup < 0:
         parser.error("--conversations, --turns, --concurrency and --output-len must be >= 1, --warmup >= 0")
     if len(args.backend_urls) > len(BACKEND_NAMES):
         parser.error(f"at most {len(BACKEND_NAMES)} --backend-url")
+    if args.scale_out:
+        if len(args.backend_urls) > 1:
+            parser.error("--scale-out starts the joining vLLM itself: at most one --backend-url (a)")
+        if args.join_after < 0 or args.after_join <= 0:
+            parser.error("--join-after must be >= 0 and --after-join > 0")
+        from benchmarks.scale_out import run as scale_out  # it imports this module's helpers
+
+        return scale_out(args)
     seed = random.SystemRandom().randrange(1 << 30) if args.seed is None else args.seed
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     out_dir = args.results_dir / f"routing-{re.sub(r'[^0-9T]', '', created)[:15]}"

@@ -1,8 +1,10 @@
 """The routing benchmark's figures: one row per setup from its results, printed side by side,
-and issue 14's targets checked against them (figures to read, not a test)."""
+and issue 14's targets checked against them (figures to read, not a test); and the scale-out
+mode's figures: the joining replica against the one that served alone."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from benchmarks.conversations import Shape
@@ -85,3 +87,77 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
          pa["median_ttft_ms"] < lif["median_ttft_ms"]),
     ]
     return [f"target {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
+
+
+# ---- scale-out (--scale-out): a replica joins while conversations run ------------------------------
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative bucket counts {le: count} (+Inf included):
+    linear within the bucket the rank falls in; the highest finite bound if it falls in +Inf."""
+    ordered = sorted(buckets.items())
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def bucket_delta(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    return {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
+
+
+def replica_figures(name: str, joined: bool, before: dict[str, Any], after: dict[str, Any],
+                    peak_running: float | None) -> dict[str, Any]:
+    """One replica over the time after the join, from two scrapes (`ttft_buckets` of vLLM's
+    time_to_first_token_seconds, `finished` requests, and the proxy's `conversations`: the keys it
+    holds live there, so the gain is the conversations it took, overflow moves aside)."""
+    ttft = bucket_delta(after.get("ttft_buckets", {}), before.get("ttft_buckets", {}))
+    p50, p99 = histogram_quantile(0.5, ttft), histogram_quantile(0.99, ttft)
+    return {
+        "replica": name,
+        "joined": joined,
+        "requests": after.get("finished", 0.0) - before.get("finished", 0.0),
+        "new_conversations": after.get("conversations", 0.0) - before.get("conversations", 0.0),
+        "ttft_p50_ms": None if p50 is None else p50 * 1000,
+        "ttft_p99_ms": None if p99 is None else p99 * 1000,
+        "peak_running": peak_running,
+    }
+
+
+SCALE_OUT_ROWS: list[tuple[str, Any]] = [
+    ("requests after the join", lambda r: f"{r['requests']:.0f}"),
+    ("conversations taken after the join", lambda r: f"{r['new_conversations']:+.0f}"),
+    ("vLLM TTFT p50 / p99 (ms)", lambda r: f"{_num(r['ttft_p50_ms'], '.0f')} / {_num(r['ttft_p99_ms'], '.0f')}"),
+    ("peak requests running (vLLM)", lambda r: _num(r["peak_running"], ".0f")),
+]
+
+
+def scale_out_table(summary: dict[str, Any]) -> str:
+    """The joining replica against the others, then the client's view before and after the join."""
+    replicas = summary["replicas"]
+    client = summary["client"]
+    header = (f"scale-out: {summary['users']} users, conversations of {summary['shape']['turns']} turns; vLLM "
+              f"{summary['joiner']} started after {summary['started_after_s']:.0f} s of load, in rotation "
+              f"after {summary['joined_after_s']:.0f} s, then {summary['after_join_s']:.0f} s of load")
+    names = [f"{r['replica']} ({'joined' if r['joined'] else 'serving'})" for r in replicas]
+    cells = [[render(r) for _, render in SCALE_OUT_ROWS] for r in replicas]
+    width = max(len(label) for label, _ in SCALE_OUT_ROWS) + 2
+    widths = [max(len(n), *(len(c) for c in col)) + 3 for n, col in zip(names, cells, strict=True)]
+    lines = [header, " " * width + "".join(n.rjust(w) for n, w in zip(names, widths, strict=True))]
+    for i, (label, _) in enumerate(SCALE_OUT_ROWS):
+        lines.append(label.ljust(width) + "".join(col[i].rjust(w) for col, w in zip(cells, widths, strict=True)))
+    for when in ("before", "after"):
+        part = client[when]
+        lines.append(f"client, requests sent {when} the join: {part['requests']}, TTFT p50 / p99 "
+                     f"{_num(part['ttft_p50_ms'], '.0f')} / {_num(part['ttft_p99_ms'], '.0f')} ms")
+    decided = " / ".join(f"{n} {v:.0f}" for n, v in summary["routing_decisions_after_join"].items()) or "-"
+    lines.append(f"proxy routing decisions after the join: {decided}; failed requests: {client['failed']}")
+    return "\n".join(lines)

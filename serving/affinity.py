@@ -5,10 +5,12 @@ the start of its prompt: for chat, the leading messages up to and including the 
 message (every turn of a conversation re-sends them); for completions, the leading text. Keys
 are placed on a consistent-hash ring of the backends with bounded loads (Mirrokni, Thorup and
 Zadimoghaddam 2017): a new key passes over a backend holding more than (1 + epsilon) x the mean
-of the keys placed, and any request a backend carrying more than (1 + epsilon) x the mean
+of the live keys placed, and any request a backend carrying more than (1 + epsilon) x the mean
 requests in flight and more than `headroom` above it, for the next on the ring
-(serving/routing.py keeps the placements), so affinity never melts one replica, and a backend
-that is down hands its keys to the next one until it returns.
+(serving/routing.py decides), so affinity never melts one replica, and a backend that is down
+hands its keys to the next one until it returns. `Placements` remembers where each key went;
+only keys used within `LIVE_SECONDS` count toward a backend's share, so a backend that is new
+or was away is not owed the keys of conversations that ended long ago.
 """
 
 from __future__ import annotations
@@ -16,17 +18,29 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 # Enough of a prompt to tell conversations apart, not so much that hashing a 100k-token
 # prompt costs anything.
 PREFIX_BYTES = 16 * 1024
 VIRTUAL_NODES = 64  # ring points per backend: an even share of keys each
+# A key counts toward its backend's share while used this recently: longer than a user takes to
+# read an answer and type the next turn, short enough that the conversations of a replica that
+# was away (or of the one that took them meanwhile) stop weighing on new placements within minutes.
+LIVE_SECONDS = 300.0
+# Keys remembered per model with the backend they were placed on (least recently used forgotten
+# first): bounded memory whatever the clients send.
+PLACED_KEYS = 65_536
 
 
 class Placed(Protocol):
     url: str
+
+
+class Counted(Placed, Protocol):
+    keys: int  # live keys placed on it (Placements keeps the count)
 
 
 def _hash(data: bytes) -> int:
@@ -76,6 +90,77 @@ def request_key(body: dict[str, Any], chat: bool, session: bytes | None) -> int 
 
 
 B = TypeVar("B", bound=Placed)
+C = TypeVar("C", bound=Counted)
+
+
+class Placements(Generic[C]):
+    """Each key seen, with the backend holding its prefix (where it was placed or moved to).
+
+    Live keys (used within `live_seconds`) are counted on their backend (`keys`); older ones are
+    still remembered, so a conversation that resumes goes back to its history, but weigh on no
+    placement. Both are least recently used first, so expiry and forgetting cost O(1) per key."""
+
+    def __init__(self, live_seconds: float = LIVE_SECONDS, limit: int = PLACED_KEYS) -> None:
+        self.live_seconds = live_seconds
+        self.limit = limit
+        self._live: OrderedDict[int, tuple[C, float]] = OrderedDict()  # key -> (backend, last used)
+        self._idle: OrderedDict[int, C] = OrderedDict()
+        self._expired_at = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._idle)
+
+    def home(self, key: int, now: float) -> C | None:
+        """Where the key's prefix is, if it was placed (expiring what was not used lately first)."""
+        live = self._live
+        if now - self._expired_at >= 1.0:  # a second's precision is plenty for a window of minutes
+            self._expired_at = now
+            horizon = now - self.live_seconds
+            while live:
+                oldest, (backend, used) = next(iter(live.items()))
+                if used >= horizon:
+                    break
+                del live[oldest]
+                backend.keys -= 1
+                self._idle[oldest] = backend
+        entry = live.get(key)
+        return entry[0] if entry is not None else self._idle.get(key)
+
+    def place(self, key: int, backend: C, now: float) -> None:
+        """The key is (still) on `backend` and was used now."""
+        live = self._live
+        entry = live.get(key)
+        if entry is not None and entry[0] is backend:  # the common case: another turn where it was
+            live[key] = (backend, now)
+            live.move_to_end(key)
+            return
+        entry = live.pop(key, None)
+        if entry is None:
+            if self._idle.pop(key, None) is None and len(self) >= self.limit:
+                self._forget_oldest()
+            backend.keys += 1
+        elif entry[0] is not backend:
+            entry[0].keys -= 1
+            backend.keys += 1
+        self._live[key] = (backend, now)
+
+    def keep_only(self, staying: Iterable[C]) -> None:
+        """Forget the keys of backends that left: their cache left with them."""
+        kept = set(staying)
+        for key, (backend, _) in list(self._live.items()):
+            if backend not in kept:
+                del self._live[key]
+                backend.keys -= 1
+        for key, backend in list(self._idle.items()):
+            if backend not in kept:
+                del self._idle[key]
+
+    def _forget_oldest(self) -> None:
+        if self._idle:
+            self._idle.popitem(last=False)
+        else:
+            _, (backend, _) = self._live.popitem(last=False)
+            backend.keys -= 1
 
 
 class Ring(Generic[B]):

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -52,7 +52,7 @@ OPERATIONAL = frozenset({"/health", "/ready", "/metrics", OPENAPI})  # no auth: 
 
 class ProxyApp:
     def __init__(self, config: ProxyConfig, environ: Mapping[str, str] = os.environ,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.routes: dict[str, Route] = build_routes(config)
         self._known_models = ", ".join(sorted(self.routes))
@@ -62,7 +62,7 @@ class ProxyApp:
         for name, route in self.routes.items():
             key = id(route.entry)
             if key not in by_entry:
-                by_entry[key] = ModelBackends(route.served_name, route.entry, self.metrics)
+                by_entry[key] = ModelBackends(route.served_name, route.entry, self.metrics, clock)
             self.backends[name] = by_entry[key]
         self.models = list(by_entry.values())
         self.forward_paths = frozenset(config.forward_paths)
@@ -70,6 +70,7 @@ class ProxyApp:
         self.limiter = RateLimiter(config.limits.requests_per_minute_per_key)
         self.exhausted_log = ThrottledLog()
         self.draining = False
+        self.started = False
         self.active = 0
         self.upstream: Upstream | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -85,6 +86,7 @@ class ProxyApp:
             asyncio.create_task(health_loop(upstream, self.models, self.config.health_interval_seconds, skipped)),
             asyncio.create_task(discovery_loop(upstream, self.models, self.config.dns_refresh_seconds)),
         ]
+        self.started = True
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -96,7 +98,14 @@ class ProxyApp:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(model.any_healthy for model in self.models)
+        """This proxy can serve: started and not draining. Whether each model's backends can is in
+        /ready's body and in metrics, and a model without one answers its own 503: a readiness
+        that followed the models would take every proxy out of its Service for one model's outage."""
+        return self.started and not self.draining
+
+    def readiness(self) -> bytes:
+        models = {model.model: model.health() for model in self.models}
+        return json.dumps({"ready": self.ready, "draining": self.draining, "models": models}).encode()
 
     # ---- ASGI --------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,9 +132,7 @@ class ProxyApp:
         elif path == OPENAPI:
             await send_json(send, 200, self._openapi, close=self.draining)
         elif path == "/ready":
-            detail = {model.model: model.any_healthy for model in self.models}
-            body = json.dumps({"ready": self.ready, "draining": self.draining, "models": detail}).encode()
-            await send_json(send, 200 if self.ready else 503, body, close=self.draining)
+            await send_json(send, 200 if self.ready else 503, self.readiness(), close=self.draining)
         else:
             headers = [(b"content-type", CONTENT_TYPE_LATEST.encode()), *self._closing()]
             await send_whole(send, 200, self.metrics.exposition(), headers)

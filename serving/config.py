@@ -44,8 +44,9 @@ class Timeouts(Strict):
 class Affinity(Strict):
     epsilon: float = Field(
         default=0.25, gt=0, le=10, description="Bounded load: a backend holding more than (1 + epsilon) x the mean "
-        "of the keys placed takes no new key, and one carrying more than (1 + epsilon) x the mean requests "
-        "in flight (and more than headroom above it) no request; each goes to the next one on the ring.")
+        "of the live keys placed, or carrying more than (1 + epsilon) x the mean requests in flight, takes no "
+        "new key; one carrying more than that (and more than headroom above the mean) no request of a key it "
+        "holds; each goes to the next one on the ring.")
     headroom: int = Field(
         default=8, ge=0, le=10_000, description="Requests in flight a backend may carry above the mean before a "
         "request of a key it holds goes elsewhere, however small (1 + epsilon) x the mean is: an engine batches "

@@ -80,6 +80,7 @@ class Exchange:
                     retry_on = backend
                 except BackendReset as exc:
                     self.metrics.upstream_errors.labels(self.model, "reset").inc()
+                    self.backends.report(backend, False)
                     raise self._not_retried(str(exc)) from None
                 except LocalExhausted as exc:
                     raise self._proxy_limit(exc.name) from None
@@ -121,12 +122,17 @@ class Exchange:
                         first = await response.content.readany()
             except TimeoutError:
                 self.metrics.upstream_errors.labels(self.model, "timeout").inc()
+                self.backends.report(backend, False)
                 raise ApiError(504, f"model {self.model!r} did not answer within "
                                f"{self.timeouts.first_byte_seconds:g} s (timeouts.first_byte_seconds)",
                                code="upstream_timeout") from None
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 self.metrics.upstream_errors.labels(self.model, "reset").inc()
+                self.backends.report(backend, False)
                 raise self._not_retried(f"the backend failed before its answer was complete ({exc})") from None
+            # The answer's head (and a whole answer's body) arrived: a 5xx is the backend's failure,
+            # anything else its answer (a client's 4xx included). Mid-stream failures come later.
+            self.backends.report(backend, response.status < 500)
             if response.status != 200:
                 status = await self._pass_through(response, payload, send)
             elif not streamed:

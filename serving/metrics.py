@@ -2,17 +2,22 @@
 
 With several worker processes (PROMETHEUS_MULTIPROC_DIR set by the supervisor before
 prometheus-client is imported) every metric is kept in per-process files and `exposition()`
-sums them, so whichever worker answers /metrics tells the whole truth.
+sums them, so whichever worker answers /metrics tells the whole truth. The per-backend state
+(up, ejected, conversations) is not kept in files: it is read from the answering process's live
+backends at each scrape, so a backend that left (DNS) leaves the scrape with it, which
+prometheus-client's file-backed gauges cannot do (they ignore `remove()`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
 
+from serving.affinity import LIVE_SECONDS
 from serving.loop_histogram import LoopHistogram
 
 PREFIX = "qwen_proxy"
@@ -62,9 +67,13 @@ class Metrics:
                                         ["model", "field"], registry=registry)
         self.greedy = Counter(f"{p}_greedy_requests", "Requests with temperature 0, by policy action",
                               ["model", "action"], registry=registry)
-        # Each worker checks every backend; the latest check wins.
-        self.backend_up = Gauge(f"{p}_backend_up", "1 when the backend's /health answers 200",
-                                ["model", "backend"], registry=registry, multiprocess_mode="livemostrecent")
+        # Per-backend state from the live backends (LiveBackends); the ejections counted in files with
+        # the rest, a departed backend's series left out of the scrape (remove(), or _Departed with workers).
+        self.live = LiveBackends()
+        registry.register(self.live)
+        self.ejections = Counter(f"{p}_backend_ejections", "Times the backend was taken out of rotation "
+                                 "after failing requests in a row (outlier_ejection)", ["model", "backend"],
+                                 registry=registry)
         self.routing = Counter(f"{p}_routing_decisions", "Why each request went to its backend: affinity (where "
                                "its key was placed: its prefix is cached there), new (a key not seen before, placed within the "
                                "bound on keys), overflow (its backend was over the in-flight bound: the key moves), failover "
@@ -96,10 +105,19 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def backend_left(self, model: str, backend: str) -> None:
+        """A backend discovery dropped: its counter series leave the scrape."""
+        if not self.multiprocess_dir:  # with workers its file keeps it; _Departed leaves it out
+            try:
+                self.ejections.remove(model, backend)
+            except KeyError:
+                pass
+
     def exposition(self) -> bytes:
         if self.multiprocess_dir:
             merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged, self.multiprocess_dir)
+            merged.register(_Departed(multiprocess.MultiProcessCollector(None, self.multiprocess_dir), self.live))
+            merged.register(self.live)
             return bytes(generate_latest(merged))
         return bytes(generate_latest(self.registry))
 
@@ -121,3 +139,68 @@ class ModelMetrics:
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
+
+
+class BackendSample(NamedTuple):
+    """One backend's state as a scrape reports it."""
+
+    model: str
+    backend: str
+    up: bool  # its /health answers 200
+    ejected: bool  # out of rotation after failed requests (cooling down or waiting for its trial)
+    conversations: int  # prefix-affinity keys placed there and used recently
+
+
+class LiveBackends:
+    """A collector over the backends the proxy has now (each model's `samples`), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], Iterable[BackendSample]]] = []
+
+    def samples(self) -> Iterator[BackendSample]:
+        for source in self.sources:
+            yield from source()
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> list[Metric]:
+        return list(self._families(self.samples()))
+
+    @staticmethod
+    def _families(samples: Iterable[BackendSample]) -> Iterator[Metric]:
+        labels = ["model", "backend"]
+        up = GaugeMetricFamily(f"{PREFIX}_backend_up", "1 when the backend's /health answers 200 (this process's "
+                               "latest check)", labels=labels)
+        ejected = GaugeMetricFamily(f"{PREFIX}_backend_ejected", "1 while the backend is out of rotation after "
+                                    "failing requests in a row (outlier_ejection): cooling down, or half-open "
+                                    "(one trial request at a time)", labels=labels)
+        conversations = GaugeMetricFamily(f"{PREFIX}_backend_conversations", "Prefix-affinity keys (conversations, "
+                                          "sessions) placed on the backend and used within the last "
+                                          f"{LIVE_SECONDS:g} s, as this process placed them", labels=labels)
+        for sample in samples:
+            values = [sample.model, sample.backend]
+            up.add_metric(values, 1 if sample.up else 0)
+            ejected.add_metric(values, 1 if sample.ejected else 0)
+            conversations.add_metric(values, sample.conversations)
+        yield from (up, ejected, conversations)
+
+
+# Counters kept per backend in the worker files: a backend no longer live is left out of the scrape.
+PER_BACKEND_FILES = frozenset({f"{PREFIX}_backend_ejections"})
+
+
+class _Departed:
+    """The workers' files, without the per-backend series of backends that left."""
+
+    def __init__(self, files: multiprocess.MultiProcessCollector, live: LiveBackends) -> None:
+        self.files = files
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        present = {(s.model, s.backend) for s in self.live.samples()}
+        for metric in self.files.collect():
+            if metric.name in PER_BACKEND_FILES:
+                metric.samples = [s for s in metric.samples
+                                  if (s.labels.get("model"), s.labels.get("backend")) in present]
+            yield metric

@@ -207,6 +207,13 @@ def _plain(summary: str, content_type: str, schema: Schema) -> dict[str, Any]:
                                   **_errors(405)}}}
 
 
+# /ready's detail per model (serving/routing.py ModelBackends.health).
+MODEL_HEALTH = {"type": "object", "required": ["healthy", "ejected", "backends"], "properties": {
+    "healthy": {"type": "integer", "minimum": 0, "description": "Backends in rotation"},
+    "ejected": {"type": "integer", "minimum": 0, "description": "Backends out of rotation after failing requests"},
+    "backends": {"type": "object", "additionalProperties": {"enum": ["up", "down", "ejected", "half_open"]}}}}
+
+
 def build_spec(forward_paths: list[str] | tuple[str, ...] = DEFAULT_FORWARD_PATHS) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/chat/completions": _generation("Chat completion: profile defaults applied, Qwen fields honoured",
@@ -218,13 +225,13 @@ def build_spec(forward_paths: list[str] | tuple[str, ...] = DEFAULT_FORWARD_PATH
                                              **_errors(401, 405, 429)}}},
         "/health": _plain("The proxy process answers", "application/json",
                           {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}),
-        "/ready": {"get": {"summary": "Every model has a healthy backend and the proxy is not draining",
+        "/ready": {"get": {"summary": "The proxy can serve: started and not draining. Each model's backends are in "
+                                      "the body only (a model without one answers its own requests 503)",
                            "responses": {code: {"description": what, "content": {"application/json": {"schema": {
                                "type": "object", "required": ["ready", "draining", "models"],
                                "properties": {"ready": {"type": "boolean"}, "draining": {"type": "boolean"},
-                                              "models": {"type": "object",
-                                                         "additionalProperties": {"type": "boolean"}}}}}}}
-                               for code, what in (("200", "Ready"), ("503", "Not ready"))}}},
+                                              "models": {"type": "object", "additionalProperties": MODEL_HEALTH}}}}}}
+                               for code, what in (("200", "Ready"), ("503", "Draining, or not started yet"))}}},
         "/metrics": _plain("Prometheus metrics (qwen_proxy_*)", "text/plain", {"type": "string"}),
         "/openapi.json": _plain("This description", "application/json", {"type": "object"}),
     }

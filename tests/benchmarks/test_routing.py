@@ -1,10 +1,11 @@
 """The routing benchmark: the proxy configs it generates, its side-by-side figures and targets
 (unit), and one tiny run of the whole thing against real vLLM servers and proxies (structure only:
-never timing or hit-rate thresholds)."""
+never timing or hit-rate thresholds); the scale-out mode's scrapes, accounting and report (unit)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,18 @@ import pytest
 
 from benchmarks.conversations import Shape
 from benchmarks.processes import Cores
+from benchmarks.records import RequestRecord
 from benchmarks.routing import proxy_config
-from benchmarks.routing_report import SINGLE, row, side_by_side, targets
+from benchmarks.routing_report import (
+    SINGLE,
+    histogram_quantile,
+    replica_figures,
+    row,
+    scale_out_table,
+    side_by_side,
+    targets,
+)
+from benchmarks.scale_out import client_figures, engine_values, proxy_values
 from deploy.paths import REPO_ROOT
 from serving.config import ProxyConfig
 from tests.conftest import RunningServer
@@ -133,3 +144,90 @@ def test_benchmark_runs_every_setup_and_shape(vllm_server: RunningServer, tmp_pa
         decided = {r["setup"]: r["routing_decisions"] for r in shape["setups"]}
         assert decided["least_in_flight"] == {"least_in_flight": 4}
         assert sum(decided["prefix_affinity"].values()) == 4 and decided["prefix_affinity"]["new"] == 2
+
+
+# ---- --scale-out: its accounting and report (the run itself is a benchmark, not a test) -------------
+
+def test_histogram_quantile_interpolates_within_the_bucket_as_prometheus_does() -> None:
+    buckets = {0.1: 50.0, 0.25: 90.0, 0.5: 100.0, math.inf: 100.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.7, buckets) == pytest.approx(0.1 + 0.15 * 20 / 40)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.25 + 0.25 * 9 / 10)
+    assert histogram_quantile(0.99, {0.1: 0.0, 0.5: 1.0, math.inf: 2.0}) == 0.5  # in +Inf: the top finite bound
+    assert histogram_quantile(0.99, {0.1: 0.0, math.inf: 0.0}) is None
+    assert histogram_quantile(0.5, {}) is None
+
+
+VLLM_TEXT = """# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="tiny-qwen3"} 4.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.5",model_name="tiny-qwen3"} 9.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="tiny-qwen3"} 10.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny-qwen3"} 10.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-qwen3"} 2.0
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny-qwen3"} 8.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="tiny-qwen3"} 2.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny-qwen3"} 3.0
+"""
+
+PROXY_TEXT = """# TYPE qwen_proxy_backend_conversations gauge
+qwen_proxy_backend_conversations{backend="http://127.0.0.1:1",model="tiny-qwen3"} 40.0
+qwen_proxy_backend_conversations{backend="http://127.0.0.1:2",model="tiny-qwen3"} 12.0
+# TYPE qwen_proxy_routing_decisions_total counter
+qwen_proxy_routing_decisions_total{model="tiny-qwen3",reason="new"} 52.0
+qwen_proxy_routing_decisions_total{model="tiny-qwen3",reason="affinity"} 200.0
+"""
+
+
+def test_scrapes_are_read_per_replica() -> None:
+    assert engine_values(VLLM_TEXT) == {"ttft_buckets": {0.1: 4.0, 0.5: 9.0, math.inf: 10.0}, "finished": 10.0,
+                                        "running": 3.0}
+    assert proxy_values(PROXY_TEXT, {"a": "http://127.0.0.1:1", "b": "http://127.0.0.1:2"}) == {
+        "conversations": {"a": 40.0, "b": 12.0}, "decisions": {"new": 52.0, "affinity": 200.0}}
+
+
+def test_replica_figures_are_the_differences_over_the_time_after_the_join() -> None:
+    before = {"ttft_buckets": {0.1: 40.0, 0.5: 50.0, math.inf: 50.0}, "finished": 50.0, "conversations": 30.0}
+    after = {"ttft_buckets": {0.1: 90.0, 0.5: 150.0, math.inf: 150.0}, "finished": 150.0, "conversations": 38.0}
+    a = replica_figures("a", False, before, after, 9.0)
+    assert a["requests"] == 100 and a["new_conversations"] == 8 and a["peak_running"] == 9.0
+    assert a["ttft_p50_ms"] == pytest.approx(100.0)  # 50 of the 100 after the join under 0.1 s
+    assert a["ttft_p99_ms"] == pytest.approx((0.1 + 0.4 * 49 / 50) * 1000)
+    b = replica_figures("b", True, {}, {"ttft_buckets": {0.1: 0.0, math.inf: 0.0}, "finished": 0.0}, None)
+    assert (b["requests"], b["new_conversations"], b["ttft_p99_ms"], b["joined"]) == (0, 0, None, True)
+
+
+def test_the_scale_out_table_sets_the_joiner_against_the_others() -> None:
+    summary = {
+        "users": 16, "shape": {"turns": 5}, "joiner": "b", "started_after_s": 20.2, "joined_after_s": 58.9,
+        "after_join_s": 60.0,
+        "replicas": [{"replica": "a", "joined": False, "requests": 300.0, "new_conversations": 20.0,
+                      "ttft_p50_ms": 80.0, "ttft_p99_ms": 240.5, "peak_running": 7.0},
+                     {"replica": "b", "joined": True, "requests": 420.0, "new_conversations": 64.0,
+                      "ttft_p50_ms": 95.0, "ttft_p99_ms": None, "peak_running": 11.0}],
+        "client": {"before": {"requests": 200, "ttft_p50_ms": 70.0, "ttft_p99_ms": 150.0},
+                   "after": {"requests": 720, "ttft_p50_ms": 90.0, "ttft_p99_ms": 300.0}, "failed": 0},
+        "routing_decisions_after_join": {"affinity": 636.0, "new": 84.0},
+    }
+    lines = scale_out_table(summary).splitlines()
+    assert lines[0] == ("scale-out: 16 users, conversations of 5 turns; vLLM b started after 20 s of load, in "
+                        "rotation after 59 s, then 60 s of load")
+    assert lines[1].split() == ["a", "(serving)", "b", "(joined)"]
+    table = {line[:36].strip(): line[36:].split() for line in lines[2:6]}
+    assert table["requests after the join"] == ["300", "420"]
+    assert table["conversations taken after the join"] == ["+20", "+64"]
+    assert table["vLLM TTFT p50 / p99 (ms)"] == ["80", "/", "240", "95", "/", "-"]
+    assert table["peak requests running (vLLM)"] == ["7", "11"]
+    assert lines[6:] == [
+        "client, requests sent before the join: 200, TTFT p50 / p99 70 / 150 ms",
+        "client, requests sent after the join: 720, TTFT p50 / p99 90 / 300 ms",
+        "proxy routing decisions after the join: affinity 636 / new 84; failed requests: 0"]
+
+
+def test_client_figures_split_at_the_join() -> None:
+    records = [RequestRecord(index=i, start=float(i), ok=True, token_times=[0.01 * (i + 1)]) for i in range(10)]
+    records.append(RequestRecord(index=10, start=3.5))  # failed: counted, no TTFT
+    before, after = client_figures(records, until=5.0), client_figures(records, since=5.0)
+    assert before["requests"] == 6 and after["requests"] == 5
+    assert before["ttft_p50_ms"] == pytest.approx(30.0) and after["ttft_p50_ms"] == pytest.approx(80.0)

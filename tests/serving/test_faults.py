@@ -145,11 +145,16 @@ def test_backend_killed_mid_stream(proxy: Callable[..., Service], tmp_path: Path
     assert http_ok(f"{service.base_url}/health")
 
     short = {"model": "tiny-qwen3", "messages": MESSAGES, "max_tokens": 2}
-    wait_until(lambda: not http_ok(f"{service.base_url}/ready"), 5, "/ready to report the backend down")
+
+    def seen(state: str) -> bool:
+        ready = httpx.get(f"{service.base_url}/ready", timeout=10)
+        return ready.status_code == 200 and ready.json()["models"]["tiny-qwen3"]["backends"][backend.base_url] == state
+
+    wait_until(lambda: seen("down"), 5, "/ready to report the backend down")
     assert httpx.post(f"{service.base_url}/v1/chat/completions", json=short, timeout=10).status_code == 503
     revived = start_scripted_upstream(tmp_path, port=backend.port)
     try:
-        wait_until(lambda: http_ok(f"{service.base_url}/ready"), 10, "the backend to be seen again")
+        wait_until(lambda: seen("up"), 10, "the backend to be seen again")
         assert httpx.post(f"{service.base_url}/v1/chat/completions", json=short, timeout=10).status_code == 200
     finally:
         revived.stop()

@@ -80,7 +80,7 @@ def test_out_of_descriptors_is_the_proxys_503_and_the_backend_stays_up(
 
         watching.send(request("GET", "/ready"))
         ready = watching.reply()
-        assert ready.status == 200 and ready.json()["models"] == {"tiny-qwen3": True}
+        assert ready.status == 200 and ready.json()["models"]["tiny-qwen3"]["backends"] == {backend.base_url: "up"}
         watching.send(request("GET", "/metrics"))
         metrics = watching.reply().body.decode()
         assert 'qwen_proxy_resource_exhausted_total{errno="EMFILE"} 1.0' in metrics
