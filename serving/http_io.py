@@ -67,7 +67,7 @@ class Incoming:
     __slots__ = ("client", "hangup", "headers", "http10", "method", "path", "query", "raw_path")
 
     def __init__(self, scope: Scope) -> None:
-        self.client: tuple[str, int] | None = scope["client"]  # the TCP peer
+        self.client: tuple[str, int] | None = scope.get("client")  # the TCP peer (optional in ASGI)
         self.http10 = scope["http_version"] == "1.0"  # no chunked coding: no streamed answers
         self.method: str = scope["method"]
         self.path: str = scope["path"]  # percent-decoded: for matching only
