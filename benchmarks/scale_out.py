@@ -41,7 +41,7 @@ from benchmarks.routing_report import replica_figures, scale_out_table
 from benchmarks.runner import BenchError, tokenizer_source
 from benchmarks.stats import percentile
 from benchmarks.workloads import TokenCounter, WorkloadError
-from deploy.profile import load_profile
+from deploy.loader import load_profile
 
 SERVING, JOINER = "a", "b"
 TTFT = "vllm:time_to_first_token_seconds_bucket"

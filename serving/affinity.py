@@ -47,6 +47,11 @@ def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+def _utf8(text: str) -> bytes:
+    # Any JSON string, lone surrogates included ("\ud800" is valid JSON): hashed, never refused.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -62,7 +67,7 @@ def request_key(body: dict[str, Any], chat: bool, session: bytes | None) -> int 
         return _hash(b"session\0" + session)
     user = body.get("user")
     if isinstance(user, str) and user:
-        return _hash(b"user\0" + user.encode())
+        return _hash(b"user\0" + _utf8(user))
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list):
@@ -72,18 +77,19 @@ def request_key(body: dict[str, Any], chat: bool, session: bytes | None) -> int 
         for message in messages:
             if not isinstance(message, dict):
                 break
-            text = f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
+            role = message.get("role")
+            text = f"{role if isinstance(role, str) else ''}\x1f{_text(message.get('content'))}\x1e"
             parts.append(text)
             size += len(text)
-            if message.get("role") == "user" or size >= PREFIX_BYTES:
+            if role == "user" or size >= PREFIX_BYTES:
                 break
-        leading = "".join(parts).encode()[:PREFIX_BYTES]
+        leading = _utf8("".join(parts))[:PREFIX_BYTES]
         return _hash(b"chat\0" + leading) if leading else None
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch: its first prompt
     if isinstance(prompt, str) and prompt:
-        return _hash(b"text\0" + prompt.encode()[:PREFIX_BYTES])
+        return _hash(b"text\0" + _utf8(prompt)[:PREFIX_BYTES])
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):  # token ids
         return _hash(b"ids\0" + ",".join(map(str, prompt[: PREFIX_BYTES // 8])).encode())
     return None

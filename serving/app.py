@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,9 +14,9 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from serving.affinity import request_key
-from serving.auth import KeyCheck, RateLimiter
+from serving.auth import ClientAddress, KeyCheck, RateLimiter
 from serving.config import ProxyConfig, Route, build_routes, load_api_keys
-from serving.discovery import discovery_loop, refresh
+from serving.discovery import Resolver, discovery_loop, refresh, resolve
 from serving.errors import ApiError, error_body
 from serving.exchange import Exchange
 from serving.http_io import (
@@ -33,6 +34,7 @@ from serving.http_io import (
     send_json,
     send_whole,
 )
+from serving.last_resort import InternalErrors
 from serving.metrics import Metrics
 from serving.openai_shaping import shape
 from serving.openapi import spec_json
@@ -48,11 +50,17 @@ CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
 READ_METHODS = ("GET", "HEAD")
 OPENAPI = "/openapi.json"
 OPERATIONAL = frozenset({"/health", "/ready", "/metrics", OPENAPI})  # no auth: probes and scrapers
+# The `route` label of an internal error outside /v1/ (bounded: never the client's path).
+OPERATIONAL_ROUTES = {"/health": "health", "/ready": "ready", "/metrics": "metrics", OPENAPI: "openapi"}
+TOO_DEEP = "request body nests deeper than the proxy reads (JSON arrays and objects within each other)"
 
 
 class ProxyApp:
+    """`resolver` and `ssl_context` replace the system's DNS and CA certificates (tests)."""
+
     def __init__(self, config: ProxyConfig, environ: Mapping[str, str] = os.environ,
-                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic,
+                 resolver: Resolver = resolve, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.routes: dict[str, Route] = build_routes(config)
         self._known_models = ", ".join(sorted(self.routes))
@@ -68,7 +76,11 @@ class ProxyApp:
         self.forward_paths = frozenset(config.forward_paths)
         self.keys = KeyCheck(load_api_keys(config.auth, environ))
         self.limiter = RateLimiter(config.limits.requests_per_minute_per_key)
+        self.clients = ClientAddress(config.limits.trusted_proxies)
+        self.internal_errors = InternalErrors(self.metrics.internal_errors)
         self.exhausted_log = ThrottledLog()
+        self.resolver = resolver
+        self.ssl_context = ssl_context
         self.draining = False
         self.started = False
         self.active = 0
@@ -79,12 +91,13 @@ class ProxyApp:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.upstream = upstream = Upstream(self.config.health_interval_seconds)
-        await asyncio.gather(*(refresh(upstream, model) for model in self.models))  # resolve, then check
+        self.upstream = upstream = Upstream(self.config.health_interval_seconds, self.ssl_context)
+        # Resolve (where discovery is on), then check.
+        await asyncio.gather(*(refresh(upstream, model, self.resolver) for model in self.models))
         skipped = ThrottledLog()
         self._tasks = [
             asyncio.create_task(health_loop(upstream, self.models, self.config.health_interval_seconds, skipped)),
-            asyncio.create_task(discovery_loop(upstream, self.models, self.config.dns_refresh_seconds)),
+            asyncio.create_task(discovery_loop(upstream, self.models, self.config.dns_refresh_seconds, self.resolver)),
         ]
         self.started = True
 
@@ -112,16 +125,24 @@ class ProxyApp:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are refused by the protocol
         incoming = Incoming(scope)
-        path = incoming.path
-        if incoming.has_unsafe_path():
-            await send_json(send, 400, error_body(400, "the request path has control characters or spaces once "
-                                                       "percent-decoded"), close=True)
-        elif path.startswith("/v1/"):
+        if incoming.path.startswith("/v1/") and not incoming.has_unsafe_path():
             self.active += 1
             try:
                 await self._api(incoming, receive, send)
             finally:
                 self.active -= 1
+            return
+        try:
+            await self._operational(incoming, send)
+        except Exception as exc:  # noqa: BLE001 - the last resort: a JSON 500 rather than uvicorn's text one
+            await self.internal_errors.answer(OPERATIONAL_ROUTES.get(incoming.path, "other"), exc, send,
+                                              incoming.hangup, started=False, stream=False)
+
+    async def _operational(self, incoming: Incoming, send: Send) -> None:
+        path = incoming.path
+        if incoming.has_unsafe_path():
+            await send_json(send, 400, error_body(400, "the request path has control characters or spaces once "
+                                                       "percent-decoded"), close=True)
         elif path not in OPERATIONAL:
             await send_json(send, 404, error_body(404, f"no such path: {path}"), close=self.draining)
         elif incoming.method not in READ_METHODS:
@@ -147,17 +168,12 @@ class ProxyApp:
         route_label = "models" if path == MODELS else SHAPED.get(path, "other")
         model_label = "unknown"
         status = 500
+        exchange: Exchange | None = None
         try:
-            if self.draining:
-                self.metrics.rejected.labels("draining").inc()
-                raise ApiError(503, "the proxy is shutting down: retry on another replica",
-                               headers={"retry-after": "1"})
-            try:
-                caller = self.keys.identify(incoming.header(b"authorization"))
-                self.limiter.check(caller)
-            except ApiError as exc:
-                self.metrics.rejected.labels("auth" if exc.status == 401 else "rate_limit").inc()
-                raise
+            # Draining, requests are still served (clients routed here have not yet seen the endpoint
+            # removal); their answers carry `connection: close`.
+            if self.keys.enabled or self.limiter.per_minute is not None:
+                self._admit(incoming)
             if path == MODELS:
                 if incoming.method not in READ_METHODS:
                     raise ApiError(405, f"{path} takes GET, not {incoming.method}", headers={"allow": "GET, HEAD"})
@@ -189,11 +205,11 @@ class ProxyApp:
                     self.metrics.defaults_applied.labels(model_label, name).inc()
                 if shaped.greedy_action:
                     self.metrics.greedy.labels(model_label, shaped.greedy_action).inc()
-                raw = json.dumps(shaped.body).encode()
+                raw = self._encode(shaped.body)
             else:
                 target = incoming.target  # forwarded as received: still percent-encoded
                 if aliased:
-                    raw = json.dumps(data).encode()
+                    raw = self._encode(data)
             if incoming.http10 and (shaped.stream if shaped is not None else data.get("stream") is True):
                 raise ApiError(505, "a streamed answer needs HTTP/1.1 (chunked transfer coding); send the "
                                "request over HTTP/1.1, or without 'stream'")
@@ -209,8 +225,34 @@ class ProxyApp:
             await send_json(send, exc.status, exc.body(), exc.headers, close=self.draining)
         except ClientGone:
             status = CLIENT_CLOSED
+        except Exception as exc:  # noqa: BLE001 - the last resort: never uvicorn's text 500 and traceback per request
+            status = 500
+            started = exchange is not None and exchange.started
+            await self.internal_errors.answer(route_label, exc, send, incoming.hangup, started,
+                                              stream=exchange is not None and exchange.sse)
         finally:
             self.metrics.answered(model_label, route_label, status, time.perf_counter() - start)
+
+    def _admit(self, incoming: Incoming) -> None:
+        """The API key (401), then the rate limit (429) of the request's identity: its key, or else
+        the client's address."""
+        try:
+            caller = self.keys.identify(incoming.header(b"authorization"))
+            if self.limiter.per_minute is not None:
+                if caller is None:
+                    peer = incoming.client[0] if incoming.client else None
+                    caller = self.clients.of(peer, incoming.headers)
+                self.limiter.check(caller)
+        except ApiError as exc:
+            self.metrics.rejected.labels("auth" if exc.status == 401 else "rate_limit").inc()
+            raise
+
+    def _encode(self, data: dict[str, Any]) -> bytes:
+        try:
+            return json.dumps(data).encode()
+        except RecursionError:
+            self.metrics.rejected.labels("invalid").inc()
+            raise ApiError(400, TOO_DEEP) from None
 
     async def _until_client_leaves(self, exchange: Exchange, hangup: Hangup, send: Send) -> int:
         """Run the exchange; if the client disconnects first, cancel it (which closes the backend
@@ -246,6 +288,9 @@ class ProxyApp:
         except (ValueError, UnicodeDecodeError) as exc:
             self.metrics.rejected.labels("invalid").inc()
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            self.metrics.rejected.labels("invalid").inc()
+            raise ApiError(400, TOO_DEEP) from None
         if not isinstance(data, dict):
             self.metrics.rejected.labels("invalid").inc()
             raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")

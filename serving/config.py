@@ -7,10 +7,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
 from deploy.loader import load_profile
 from deploy.profile import Adapter, Profile, Sampling
@@ -22,6 +23,11 @@ KEYS_HINT = "configs/proxy.yaml documents every key"
 # the proxy shapes (chat and completions). Admin endpoints (LoRA loading, sleep, profiling, cache
 # resets) are left out on purpose: the public endpoint must not reach them.
 DEFAULT_FORWARD_PATHS = ("/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank")
+# The decode rate a whole (non-streamed) answer is allowed when timeouts.response_seconds is null.
+# Per sequence, a 32B model at full batch on one GPU decodes ~20-30 tokens/s (vLLM's usual figures
+# for a busy replica); 10 leaves room for slower GPUs, heavier batches and long contexts, so the
+# bound only ends an answer whose backend has hung.
+SLOW_DECODE_TOKENS_PER_SECOND = 10.0
 
 
 class Listen(Strict):
@@ -36,9 +42,10 @@ class Timeouts(Strict):
         "reasoning models' prefill.")
     idle_seconds: float = Field(default=120.0, gt=0, description="Longest silence between two streamed chunks.")
     response_seconds: float | None = Field(
-        default=None, gt=0, description="Until the last byte of a whole (non-streamed) answer, which vLLM "
-        "sends only once it has generated every token. null: derived from the model's profile (the largest "
-        "max_tokens it allows at a slow decode rate).")
+        default=None, gt=0, description="From the request sent to the last byte of a whole (non-streamed) "
+        "answer, whose head vLLM sends only once it has generated every token. null: derived per model name "
+        "from its profile: first_byte_seconds + the largest max_tokens it allows (its max_tokens_cap, else "
+        f"max_model_len) at {SLOW_DECODE_TOKENS_PER_SECOND:g} tokens/s.")
 
 
 class Affinity(Strict):
@@ -77,11 +84,33 @@ class OutlierEjection(Strict):
         "be, when there are two or more); the last usable backend is never ejected.")
 
 
+def _backend_url(url: str) -> str:
+    """A backend base URL the proxy can reach: refused at load rather than failing at startup."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("a backend must be an http:// or https:// URL")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    if parts.query or parts.fragment:
+        raise ValueError("a backend base URL takes no query or fragment")
+    return url.rstrip("/")
+
+
+BackendUrl = Annotated[str, AfterValidator(_backend_url)]
+
+
 class ModelEntry(Strict):
     profile: str = Field(description="Profile name in configs/models; names, aliases and sampling come from it.")
-    backends: list[str] = Field(
-        min_length=1, description="vLLM base URLs, e.g. http://127.0.0.1:8100. A host name that resolves to "
-        "several addresses (a Kubernetes headless Service) is one backend per address.")
+    backends: list[BackendUrl] = Field(
+        min_length=1, description="vLLM base URLs, e.g. http://127.0.0.1:8100 (user:password@ for basic auth, "
+        "never shown in metrics or logs). With discover, a host name that resolves to several addresses (a "
+        "Kubernetes headless Service) is one backend per address.")
     discover: bool = Field(
         default=False, description="Resolve each backend host name every dns_refresh_seconds and use every "
         "address as a backend (a Kubernetes headless Service); requests keep the URL's host name in Host and "
@@ -97,14 +126,6 @@ class ModelEntry(Strict):
         default=None, description="Whether this model also answers to its profile's hub id (e.g. "
         "Qwen/QwQ-32B), as vLLM names a model served without a name. Unset: yes, unless another "
         "configured model has the same hub id (then one of them must say true).")
-
-    @field_validator("backends")
-    @classmethod
-    def _urls(cls, value: list[str]) -> list[str]:
-        for url in value:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"backend {url!r} must be an http:// or https:// URL")
-        return [url.rstrip("/") for url in value]
 
 
 class Auth(Strict):
@@ -189,6 +210,21 @@ class Route:
     sampling: Sampling
     entry: ModelEntry
     adapter: Adapter | None = None  # a LoRA adapter on the profile's model, served by its backends
+    # timeouts.response_seconds, or when null what this name's preset allows (response_seconds()).
+    response_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.response_seconds:
+            object.__setattr__(self, "response_seconds", response_seconds(self.entry, self.profile, self.sampling))
+
+
+def response_seconds(entry: ModelEntry, profile: Profile, sampling: Sampling) -> float:
+    """The bound on a whole non-streamed answer: the configured one, or first_byte_seconds plus the
+    largest answer this preset allows (its max_tokens_cap, else the context) at a slow decode rate."""
+    if entry.timeouts.response_seconds is not None:
+        return entry.timeouts.response_seconds
+    largest = min(sampling.max_tokens_cap or profile.max_model_len, profile.max_model_len)
+    return entry.timeouts.first_byte_seconds + largest / SLOW_DECODE_TOKENS_PER_SECOND
 
 
 def load_config(path: Path) -> ProxyConfig:

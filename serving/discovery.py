@@ -1,24 +1,39 @@
-"""Backends discovered by DNS: a backend URL whose host resolves to many addresses (a Kubernetes
-headless Service) is one backend per address, re-resolved every `dns_refresh_seconds`.
+"""Which backends each model has: its URLs as written, or with `discover: true` one backend per
+address of each host name (a Kubernetes headless Service), re-resolved every `dns_refresh_seconds`.
 
-An address that appears is health-checked before it takes requests; one that disappears is
-dropped (requests already on it finish). A URL with an IP address is one backend, as written. A
-name that stops resolving keeps its last addresses (a DNS hiccup must not empty a model).
+A discovered backend is an address, but requests to it keep what the URL says: the host name (and
+port) in `Host`, in TLS (SNI and the certificate check) and the userinfo (basic auth). A backend's
+own URL, its label in metrics and logs, never carries the userinfo. An address that appears is
+health-checked before it takes requests; one that disappears is dropped (requests already on it
+finish). A name that stops resolving keeps its last addresses (a DNS hiccup must not empty a
+model). Without `discover`, a host name is one backend and aiohttp resolves it per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import ipaddress
 import logging
 import socket
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Awaitable, Callable
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from yarl import URL
+
+from serving.resources import ThrottledLog
 from serving.routing import Backend, ModelBackends
-from serving.upstream import Upstream
+from serving.upstream import Reach, Upstream
 
 log = logging.getLogger("serving")
+
+# (host, port) -> its addresses; raises OSError when the name does not resolve. Injectable (tests).
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
 
 
 def _is_address(host: str) -> bool:
@@ -29,35 +44,62 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def _with_address(url: str, address: str) -> str:
+def _netloc(host: str, port: int | None) -> str:
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"{bracketed}:{port}" if port else bracketed
+
+
+def backend_url(url: str, address: str | None = None) -> str:
+    """The backend's own URL (its label): the configured one without userinfo, at `address` if given."""
     parts = urlsplit(url)
-    host = f"[{address}]" if ":" in address else address
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    host = address if address is not None else parts.hostname or ""
+    return urlunsplit((parts.scheme, _netloc(host, parts.port), parts.path, "", ""))
 
 
-async def _addresses(url: str) -> list[str] | None:
+def reach_of(url: str, discovered: bool) -> Reach | None:
+    """What requests to a backend of this configured URL carry besides the backend's URL; None when
+    nothing (the usual case: no lookup per request)."""
+    parts = urlsplit(url)
+    auth = None
+    if parts.username is not None:
+        userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        auth = "Basic " + base64.b64encode(userinfo).decode("ascii")  # RFC 7617, UTF-8
+    if not discovered:
+        return Reach(authorization=auth) if auth else None
+    host = parts.hostname or ""
+    return Reach(host=_netloc(host, parts.port), server_hostname=host if parts.scheme == "https" else None,
+                 authorization=auth)
+
+
+async def _addresses(url: str, resolver: Resolver) -> list[str] | None:
     """The addresses a URL's host has now (sorted), or None when it cannot be resolved."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if _is_address(host):
-        return [host]
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = await resolver(host, port)
     except OSError as exc:
-        log.warning("cannot resolve %s (%s): %s; keeping its last addresses", host, url, exc)
+        log.warning("cannot resolve %s (%s): %s; keeping its last addresses", host, backend_url(url), exc)
         return None
-    return sorted({str(info[4][0]) for info in infos})
+    return sorted(set(found))
 
 
-async def refresh(upstream: Upstream, model: ModelBackends) -> None:
-    """Resolve every backend URL of the model again; health-check what is new, drop what is gone."""
+async def refresh(upstream: Upstream, model: ModelBackends, resolver: Resolver = resolve) -> None:
+    """The model's backends from its URLs: resolved again where discovery is on; what is new is
+    health-checked, what is gone dropped."""
     for url in model.entry.backends:
-        addresses = await _addresses(url)
-        if addresses is not None:
-            literal = _is_address(urlsplit(url).hostname or "")
-            model.resolved[url] = [url] if literal else [_with_address(url, a) for a in addresses]
+        host = urlsplit(url).hostname or ""
+        if not model.entry.discover or _is_address(host):
+            model.resolved[url] = [backend_url(url)]
+            reach = reach_of(url, discovered=False)
+        else:
+            addresses = await _addresses(url, resolver)
+            if addresses is not None:
+                model.resolved[url] = [backend_url(url, address) for address in addresses]
+            reach = reach_of(url, discovered=True)
+        if reach is not None:
+            for address_url in model.resolved.get(url, []):
+                upstream.reach[URL(address_url)] = reach
     wanted = list(dict.fromkeys(u for url in model.entry.backends for u in model.resolved.get(url, [])))
     current = {backend.url: backend for backend in model.backends}
     if wanted == list(current):
@@ -71,10 +113,17 @@ async def refresh(upstream: Upstream, model: ModelBackends) -> None:
     log.info("%s: backends %s", model.model, ", ".join(wanted) or "none")
 
 
-async def discovery_loop(upstream: Upstream, models: list[ModelBackends], interval: float) -> None:
-    named = [m for m in models if any(not _is_address(urlsplit(u).hostname or "") for u in m.entry.backends)]
+async def discovery_loop(upstream: Upstream, models: list[ModelBackends], interval: float,
+                         resolver: Resolver = resolve) -> None:
+    named = [m for m in models if m.entry.discover
+             and any(not _is_address(urlsplit(u).hostname or "") for u in m.entry.backends)]
+    failed = {m.model: ThrottledLog() for m in named}
     while named:
         await asyncio.sleep(interval)
         for model in named:
-            with contextlib.suppress(Exception):  # a failed round must never end the loop
-                await refresh(upstream, model)
+            try:
+                await refresh(upstream, model, resolver)
+            except Exception as exc:  # noqa: BLE001 - a failed round must never end the loop; it is said
+                failed[model.model].warning(f"{model.model}: DNS discovery round failed ({type(exc).__name__}: "
+                                            f"{exc}); its backends stay as they were, next try in {interval:g} s")
+        upstream.keep_reach({backend.base for model in models for backend in model.backends})

@@ -10,6 +10,7 @@ TYPES = {
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    500: "server_error",
     405: "invalid_request_error",
     431: "invalid_request_error",
     502: "upstream_error",
@@ -40,6 +41,6 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return json.dumps({"error": error}).encode()
 
 
-def sse_error_event(message: str, code: str) -> bytes:
+def sse_error_event(message: str, code: str, status: int = 502) -> bytes:
     """An error inside an SSE stream (after the 200 status line is gone): one event, then EOF."""
-    return b"data: " + error_body(502, message, None, code) + b"\n\n"
+    return b"data: " + error_body(status, message, None, code) + b"\n\n"

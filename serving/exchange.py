@@ -8,11 +8,21 @@ failure then is one SSE error event and the end of the stream.
 A streamed body is forwarded read by read: each read goes through the SSE relay (which
 touches an event only when it must change) and out, with backpressure from the client (a slow
 reader stops the reads from the backend until it catches up).
+
+Timeouts are named for what they bound: a stream (or a forwarded body) waits
+`first_byte_seconds` for its first byte, then at most `idle_seconds` between two reads; a whole
+(non-streamed) answer, whose head vLLM sends only when every token is generated, has
+`response_seconds` from the request to its last byte.
+
+Each attempt's outcome is told to the model's backends (`report`, for outlier ejection): a 5xx
+the backend produced, a reset or cut after the request went out, or a timeout is a failure; an
+answer (2xx, 4xx) a success; a client that left says nothing about the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 
@@ -53,6 +63,9 @@ class Exchange:
         self.extra_headers = extra_headers
         self.timeouts = route.entry.timeouts
         self.model = route.served_name
+        self.streamed = shaped is None or shaped.stream  # read by read (a stream, or a forwarded body)
+        self.sse = shaped is not None and shaped.stream  # server-sent events to the client
+        self.started = False  # the response head went to the client
 
     async def run(self, send: Send) -> int:
         in_flight = self.metrics.model(self.model).in_flight
@@ -80,7 +93,7 @@ class Exchange:
                     retry_on = backend
                 except BackendReset as exc:
                     self.metrics.upstream_errors.labels(self.model, "reset").inc()
-                    self.backends.report(backend, False)
+                    self._outcome(backend, ok=False)
                     raise self._not_retried(str(exc)) from None
                 except LocalExhausted as exc:
                     raise self._proxy_limit(exc.name) from None
@@ -107,38 +120,63 @@ class Exchange:
         return ApiError(503, f"{WHAT[name]} ({name}): this is the proxy's own limit, not the model's; "
                         "retry later", code="proxy_overloaded", headers={"retry-after": "1"})
 
+    def _outcome(self, backend: Backend, ok: bool) -> None:
+        """What the attempt proved about the backend, for outlier ejection (serving/ejection.py)."""
+        self.backends.report(backend, ok)
+
+    def _body_for(self, backend: Backend) -> bytes:
+        """The request body for this backend. A max_tokens the proxy filled in from the profile that
+        exceeds the backend's max_model_len (its /v1/models) is lowered to it, as the engine would
+        refuse every request otherwise; re-encoded only then."""
+        defaulted = self.shaped.defaulted_max_tokens if self.shaped is not None else None
+        if defaulted is None:
+            return self.body
+        limit = self.upstream.context_length(backend.base)
+        if limit is None or defaulted <= limit:
+            return self.body
+        assert self.shaped is not None
+        try:
+            body = json.dumps({**self.shaped.body, "max_tokens": limit}).encode()
+        except RecursionError:
+            return self.body  # nested as deep as the encoder goes: sent as the client built it
+        self.shaped.warnings.append(f"max_tokens: the profile's default {defaulted} lowered to {limit}, the "
+                                    "backend's max_model_len; send max_tokens to choose")
+        self.upstream.note_cap(backend.base, self.model, defaulted, limit)
+        return body
+
     async def _attempt(self, backend: Backend, send: Send, fresh: bool) -> int:
         url = backend.url_for(self.target)
-        streamed = self.shaped is None or self.shaped.stream
+        streamed = self.streamed
+        body = self._body_for(backend)
         response: aiohttp.ClientResponse | None = None
         clean = False  # then the connection goes back to the pool
+        # A stream's first byte, or a whole answer's last one (its head comes with it).
+        bound = self.timeouts.first_byte_seconds if streamed else self.route.response_seconds
         try:
             try:
-                async with asyncio.timeout(self.timeouts.first_byte_seconds):
-                    response = await self.upstream.post(url, self.body, self.timeouts.connect_seconds, fresh)
+                async with asyncio.timeout(bound):
+                    response = await self.upstream.post(url, body, self.timeouts.connect_seconds, fresh, backend.base)
                     if response.status != 200 or not streamed:
                         payload = await response.read()  # an error answer, or a whole (non-streamed) answer
                     else:
                         first = await response.content.readany()
             except TimeoutError:
                 self.metrics.upstream_errors.labels(self.model, "timeout").inc()
-                self.backends.report(backend, False)
-                raise ApiError(504, f"model {self.model!r} did not answer within "
-                               f"{self.timeouts.first_byte_seconds:g} s (timeouts.first_byte_seconds)",
-                               code="upstream_timeout") from None
+                self._outcome(backend, ok=False)
+                raise self._timed_out(streamed) from None
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 self.metrics.upstream_errors.labels(self.model, "reset").inc()
-                self.backends.report(backend, False)
+                self._outcome(backend, ok=False)
                 raise self._not_retried(f"the backend failed before its answer was complete ({exc})") from None
-            # The answer's head (and a whole answer's body) arrived: a 5xx is the backend's failure,
-            # anything else its answer (a client's 4xx included). Mid-stream failures come later.
-            self.backends.report(backend, response.status < 500)
             if response.status != 200:
+                # A 5xx is the backend's failure; anything else its answer (a client's 4xx included).
+                self._outcome(backend, ok=response.status < 500)
                 status = await self._pass_through(response, payload, send)
             elif not streamed:
+                self._outcome(backend, ok=True)
                 status = await self._send_whole(payload, send)
             else:
-                status = await self._relay(response, first, send)
+                status = await self._relay(response, first, send, backend)
             clean = True
             return status
         finally:
@@ -147,6 +185,14 @@ class Exchange:
                     self._finish(response)
                 else:
                     response.close()  # the backend sees the request end and aborts it (also when the client left)
+
+    def _timed_out(self, streamed: bool) -> ApiError:
+        if streamed:
+            what = f"sent no first byte within {self.timeouts.first_byte_seconds:g} s (timeouts.first_byte_seconds)"
+        else:
+            what = (f"did not send its whole answer within {self.route.response_seconds:g} s "
+                    "(timeouts.response_seconds); stream a long answer to receive it as it is generated")
+        return ApiError(504, f"model {self.model!r} {what}", code="upstream_timeout")
 
     def _finish(self, response: aiohttp.ClientResponse) -> None:
         """Back to the pool once the body has ended; a backend that never ends it after [DONE] is
@@ -173,6 +219,7 @@ class Exchange:
         if response.status >= 500:
             self.metrics.upstream_errors.labels(self.model, "http_5xx").inc()
         content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+        self.started = True
         await send_whole(send, response.status, nested_error(payload),
                          [(b"content-type", content_type), *self.extra_headers])
         return response.status
@@ -182,6 +229,7 @@ class Exchange:
         usage = Usage()
         body = rewrite_json_response(payload, self.model, self.route.name, usage)
         usage.record(self.metrics, self.model)
+        self.started = True
         await send_whole(send, 200, body, [(b"content-type", JSON_TYPE), *self._our_headers()])
         return 200
 
@@ -193,7 +241,7 @@ class Exchange:
         return StreamRelay(self.metrics, self.model, self.start, drop_usage=not self.shaped.client_wants_usage,
                            rewrite=rewrite, completions=self.target.startswith("/v1/completions"))
 
-    async def _relay(self, response: aiohttp.ClientResponse, data: bytes, send: Send) -> int:
+    async def _relay(self, response: aiohttp.ClientResponse, data: bytes, send: Send, backend: Backend) -> int:
         """Forward the body as it is read: SSE through the relay, other bodies untouched.
 
         Ends at the stream's [DONE] (clients may close as soon as they read it); what the
@@ -204,6 +252,7 @@ class Exchange:
             headers = [(b"content-type", content_type), *self.extra_headers]
         else:
             headers = [*SSE_HEADERS, *self._our_headers()]
+        self.started = True
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         content = response.content
         loop = asyncio.get_running_loop()
@@ -220,6 +269,7 @@ class Exchange:
                     if relay.saw_done:
                         # Count and finish at [DONE], not at the backend's end of body.
                         relay.usage.record(self.metrics, self.model)
+                        self._outcome(backend, ok=True)
                         await send({"type": "http.response.body", "body": out + relay.leftover()})
                         return 200
                     if out:
@@ -229,14 +279,17 @@ class Exchange:
                 data = await content.readany()
                 watchdog.waiting_since = None
             if relay is None:
+                self._outcome(backend, ok=True)
                 await send({"type": "http.response.body", "body": b""})
                 return 200
             # vLLM always ends a stream with [DONE]: a body without it was cut by the backend.
             raise BackendReset("stream ended without [DONE]")
         except BackendStalled:
+            self._outcome(backend, ok=False)
             return await self._failed_mid_stream(response, send, "timeout",
                                                  "the model backend stopped sending: timed out")
         except (BackendReset, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            self._outcome(backend, ok=False)
             return await self._failed_mid_stream(response, send, "reset",
                                                  "the model backend failed mid-response; the answer is incomplete")
         finally:

@@ -36,26 +36,38 @@ class Hangup:
 
     The application sets `callback` while it works on the request (to cancel that work: the backend
     request then closes, so vLLM aborts it); the protocol calls it from `connection_lost`. No task
-    per request waits on `receive()` for the disconnect."""
+    per request waits on `receive()` for the disconnect. The other way round, `abort()` ends the
+    connection from the application's side (the last resort, once an answer cannot be finished):
+    the protocol sets `cycle` (uvicorn's request-response cycle) once the request's head is read."""
 
-    __slots__ = ("callback", "fired")
+    __slots__ = ("callback", "cycle", "fired")
 
     def __init__(self) -> None:
         self.callback: Callable[[], object] | None = None
         self.fired = False
+        self.cycle: Any = None
 
     def fire(self) -> None:
         self.fired = True
         if self.callback is not None:
             self.callback()
 
+    def abort(self) -> None:
+        """Close the connection: what was sent is flushed, nothing more is (an unfinished body stays
+        unfinished, which the client reads as incomplete)."""
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.disconnected = True  # uvicorn sends nothing more, and does not log a short answer
+            cycle.transport.close()
+
 
 class Incoming:
     """One request's line and headers, from the ASGI scope (names are lower case there)."""
 
-    __slots__ = ("hangup", "headers", "http10", "method", "path", "query", "raw_path")
+    __slots__ = ("client", "hangup", "headers", "http10", "method", "path", "query", "raw_path")
 
     def __init__(self, scope: Scope) -> None:
+        self.client: tuple[str, int] | None = scope.get("client")  # the TCP peer (optional in ASGI)
         self.http10 = scope["http_version"] == "1.0"  # no chunked coding: no streamed answers
         self.method: str = scope["method"]
         self.path: str = scope["path"]  # percent-decoded: for matching only

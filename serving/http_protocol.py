@@ -11,7 +11,11 @@ HTTP. This subclass adds what uvicorn leaves to a proxy in front of it:
   closed (uvicorn's keep-alive timer only runs after a response);
 - protocol upgrades refused with 400;
 - a lost connection reaches the request's handler at once (the `Hangup` in its scope), rather
-  than through a task per request waiting on `receive()`.
+  than through a task per request waiting on `receive()`, and the handler can end the connection
+  through it (`Hangup.abort`);
+- while the proxy drains (`DrainState.draining`), a connection with nothing to answer is closed
+  once it has been idle DRAIN_IDLE_SECONDS since the drain began or its last answer, not at once
+  (that would race a client sending on it), and not after the usual keep-alive time.
 A refusal is answered in order: after the answers to the requests before it, then the
 connection closes. Errors are JSON in OpenAI's shape, like every other answer.
 """
@@ -24,6 +28,7 @@ from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from serving.errors import error_body
 from serving.http_io import HANGUP, Hangup
@@ -33,6 +38,18 @@ log = logging.getLogger("serving")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 16
 HEADER_LIMIT = f"request line and headers exceed {MAX_HEADER_BYTES} bytes"
+# While draining, how long a connection with nothing to answer is kept: long enough that a client
+# which just read an answer and sends its next request is not cut mid-send, short enough that the
+# drain ends soon after the last answer. Clients that honour `connection: close` never wait on it.
+DRAIN_IDLE_SECONDS = 2.0
+
+
+class DrainState(ServerState):
+    """uvicorn's state shared by every connection, and whether the proxy is draining."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining = False
 
 
 class Refusal(Exception):
@@ -54,12 +71,33 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._refusal: Refusal | None = None  # answered once the earlier requests are
         self._idle: asyncio.TimerHandle | None = None
         self._last_read = 0.0
+        self._hangup = Hangup()  # the current request's (each request gets its own)
+        state = self.server_state
+        self._drain_state = state if isinstance(state, DrainState) else None
+        if self.draining:
+            self.timeout_keep_alive = DRAIN_IDLE_SECONDS  # type: ignore[assignment]  # a float works
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_state is not None and self._drain_state.draining
+
+    def drain(self) -> None:
+        """The proxy started draining: from now on an idle connection is closed after DRAIN_IDLE_SECONDS."""
+        self.timeout_keep_alive = DRAIN_IDLE_SECONDS  # type: ignore[assignment]  # after each answer, by uvicorn
+        now = self.loop.time()
+        if self.timeout_keep_alive_task is not None:  # idle after an answer: its time counts from now
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = self.loop.call_later(DRAIN_IDLE_SECONDS, self.timeout_keep_alive_handler)
+        elif self.cycle is None and not self._in_head:  # connected, nothing sent yet
+            self._last_read = max(self._last_read, now)
+            self._cancel_idle()
+            self._arm_idle(DRAIN_IDLE_SECONDS)
 
     # ---- connection ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._last_read = self.loop.time()
-        self._arm_idle(self.idle_seconds)  # a connection that never sends a byte is closed too
+        self._arm_idle(self._never_sent_limit())  # a connection that never sends a byte is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_idle()
@@ -98,7 +136,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     # ---- parser callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {HANGUP: Hangup()}  # type: ignore[dict-item]  # uvicorn types extensions as dicts
+        self._hangup = Hangup()
+        self.scope["extensions"] = {HANGUP: self._hangup}  # type: ignore[dict-item]  # uvicorn types extensions as dicts
         self._in_head = True
         self._head_bytes = self._unfinished_bytes = 0
 
@@ -119,6 +158,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             raise Refusal(400, "protocol upgrades are not supported")
         latest = self.cycle
         super().on_headers_complete()
+        self._hangup.cycle = self.cycle
         if len(self.pipeline) > MAX_PIPELINED:
             self.pipeline.popleft()  # the request just parsed: never started
             self.cycle = latest
@@ -198,11 +238,16 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         never_sent = self.cycle is None and not self._in_head
         if self.transport.is_closing() or not (never_sent or self._waiting_on_client()):
             return  # a request is being answered; after it, uvicorn's keep-alive timer takes over
-        left = self._last_read + self.idle_seconds - self.loop.time()
+        limit = self._never_sent_limit() if never_sent else self.idle_seconds
+        left = self._last_read + limit - self.loop.time()
         if left > 0:
             self._arm_idle(left)
         else:
             self.transport.close()
+
+    def _never_sent_limit(self) -> float:
+        """How long a connection may stay without sending a byte: as any idle one while draining."""
+        return min(self.idle_seconds, DRAIN_IDLE_SECONDS) if self.draining else self.idle_seconds
 
 
 def _reason(exc: httptools.HttpParserError) -> str:

@@ -1,10 +1,12 @@
 """Run the proxy on uvicorn (httptools parser, uvloop), with a graceful drain on SIGTERM.
 
-On the first SIGTERM/SIGINT, /ready answers 503, idle keep-alive connections are closed, busy
-ones close after their answer, and new requests get a 503 with `connection: close` while
-requests in flight (streams included) finish, up to `drain_seconds`; then uvicorn shuts down.
-The listener stays open while draining, so a client still routed here gets a clear 503 rather
-than a refused connection. A second signal exits at once.
+On the first SIGTERM/SIGINT the proxy drains: /ready answers 503 (the endpoint is being removed),
+but the listener stays open and every request that still arrives is served, as a client routed
+here has not yet seen the removal; every answer carries `connection: close`, so clients move to
+other replicas; a connection with nothing to answer is closed once idle DRAIN_IDLE_SECONDS
+(serving/http_protocol.py), not at the signal, which would race a client sending on it. The
+process exits as soon as nothing is in flight and no client connection is open, or at
+`drain_seconds`, when what is left is cut. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import uvicorn
 import uvloop
 
 from serving.app import ProxyApp
-from serving.http_protocol import ProxyHttpProtocol
+from serving.http_protocol import DRAIN_IDLE_SECONDS, DrainState, ProxyHttpProtocol
 from serving.resources import raise_open_files_limit
 
 log = logging.getLogger("serving")
@@ -41,6 +43,7 @@ class ProxyServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, app: ProxyApp) -> None:
         super().__init__(config)
+        self.server_state: DrainState = DrainState()  # every connection's protocol reads `draining` from it
         self.app = app
         self.drain_deadline = 0.0
 
@@ -56,18 +59,32 @@ class ProxyServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: flags only (the connections are told on the next tick, where it is safe
+        # to touch the loop and to log).
         if self.app.draining:
             self.force_exit = self.should_exit = True  # second signal: at once
             return
-        self.app.draining = True
+        self.app.draining = True  # from now: /ready 503, every answer `connection: close`
         self.drain_deadline = time.monotonic() + self.app.config.drain_seconds
-        for connection in list(self.server_state.connections):
-            connection.shutdown()  # uvicorn's: close if idle, else no keep-alive after this answer
 
     async def on_tick(self, counter: int) -> bool:
-        if self.app.draining and not self.should_exit and (
-                self.app.active == 0 or time.monotonic() >= self.drain_deadline):
-            self.should_exit = True
+        state = self.server_state
+        if self.app.draining and not self.should_exit:
+            if not state.draining:
+                state.draining = True
+                for connection in list(state.connections):
+                    connection.drain()  # type: ignore[union-attr]  # every connection is a ProxyHttpProtocol
+                log.info("draining (signal received): %d requests in flight, %d client connections open; "
+                         "serving what still arrives with `connection: close`, idle connections closed after "
+                         "%g s; exit when all are done, or in %g s (drain_seconds)", self.app.active,
+                         len(state.connections), DRAIN_IDLE_SECONDS, self.app.config.drain_seconds)
+            if self.app.active == 0 and not state.connections:
+                log.info("drained: nothing in flight, no client connection open; exiting")
+                self.should_exit = True
+            elif time.monotonic() >= self.drain_deadline:
+                log.warning("drain_seconds (%g s) reached: %d requests still in flight are cut",
+                            self.app.config.drain_seconds, self.app.active)
+                self.should_exit = True
         return await super().on_tick(counter)
 
 

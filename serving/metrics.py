@@ -81,6 +81,9 @@ class Metrics:
                                registry=registry)
         self.rejected = Counter(f"{p}_rejected_requests", "Requests refused before reaching a backend",
                                 ["reason"], registry=registry)
+        self.internal_errors = Counter(f"{p}_internal_errors", "Requests failed by an unexpected exception in the "
+                                       "proxy (a bug): answered 500 with a request id, logged with its traceback "
+                                       "at most every 10 s", ["route"], registry=registry)
         self.exhausted = Counter(f"{p}_resource_exhausted", "Requests answered 503 because the proxy ran out "
                                  "of descriptors or buffers (its own limit), by errno", ["errno"], registry=registry)
 

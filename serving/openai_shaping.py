@@ -33,6 +33,9 @@ class Shaped:
     applied: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     greedy_action: str | None = None
+    # The max_tokens the proxy filled in from the profile (the client sent none): the one value a
+    # backend's smaller max_model_len may lower (serving/exchange.py); a client's own is never changed.
+    defaulted_max_tokens: int | None = None
 
 
 def _is_number(value: Any) -> bool:
@@ -172,4 +175,5 @@ def shape(body: dict[str, Any], sampling: Sampling, chat: bool, engine: str = "v
         client_wants_usage = options.get("include_usage") is True
         options["include_usage"] = True  # the proxy counts tokens from the backend's usage
         body["stream_options"] = options
-    return Shaped(body, stream, client_wants_usage, applied, warnings, greedy_action)
+    defaulted = body["max_tokens"] if max_tokens is not None and "max_tokens" in applied else None
+    return Shaped(body, stream, client_wants_usage, applied, warnings, greedy_action, defaulted)

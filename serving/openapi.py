@@ -47,9 +47,12 @@ STOP: Schema = {
 SAMPLING: dict[str, Schema] = {
     "model": {"type": "string", "description": "A served name, an alias, a LoRA adapter's name, or a "
                                                "profile's hub id (GET /v1/models lists them)."},
-    "stream": {"type": "boolean"},
+    "stream": {"type": "boolean", "description": "Without it the answer comes whole, once every token is "
+                                                "generated (bounded by the model's timeouts.response_seconds)."},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "max_tokens": {"type": "integer", "minimum": 1, "description": "Default and cap from the model's profile."},
+    "max_tokens": {"type": "integer", "minimum": 1, "description": "Default and cap from the model's profile; "
+                                                                    "a default above the backend's max_model_len "
+                                                                    "is lowered to it (x-qwen-warning says so)."},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2,
                     "description": "0 (greedy) is refused, warned about or allowed per profile."},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -179,9 +182,14 @@ def ref(name: str) -> Schema:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "Invalid request (the message and `param` say what and where)", 401: "Missing or wrong API key",
                404: "Unknown model or endpoint", 405: "Wrong method", 413: "Body over limits.max_body_bytes",
-               429: "Rate limit (Retry-After)", 431: "Headers over 64 KiB", 502: "The backend failed the request",
-               503: "No healthy backend, draining, or the proxy's own limits (Retry-After)",
-               504: "No answer within timeouts.first_byte_seconds", 505: "A stream needs HTTP/1.1"}
+               429: "Rate limit per identity: the API key, else the client's address (Retry-After)",
+               431: "Headers over 64 KiB",
+               500: "An internal error of the proxy (a bug, logged): the message and x-request-id name the request",
+               502: "The backend failed the request",
+               503: "No healthy backend for the model, or the proxy's own limits (Retry-After)",
+               504: "The backend took too long: a stream's first byte beyond timeouts.first_byte_seconds, or a "
+                    "whole (non-streamed) answer beyond timeouts.response_seconds",
+               505: "A stream needs HTTP/1.1"}
     return {str(s): {"description": reasons[s], "content": {"application/json": {"schema": ref("Error")}}}
             for s in statuses}
 
@@ -196,7 +204,7 @@ def _generation(summary: str, request: str, answer: str) -> dict[str, Any]:
                     "headers": SHAPING_HEADERS,
                     "content": {"application/json": {"schema": ref(answer)},
                                 "text/event-stream": {"schema": SSE}}},
-            **_errors(400, 401, 404, 405, 413, 429, 431, 502, 503, 504, 505),
+            **_errors(400, 401, 404, 405, 413, 429, 431, 500, 502, 503, 504, 505),
         },
     }}
 
@@ -222,7 +230,7 @@ def build_spec(forward_paths: list[str] | tuple[str, ...] = DEFAULT_FORWARD_PATH
         "/v1/models": {"get": {"summary": "Every name the proxy answers to", "security": [{}, {"bearer": []}],
                                "responses": {"200": {"description": "The model list",
                                                      "content": {"application/json": {"schema": ref("ModelList")}}},
-                                             **_errors(401, 405, 429)}}},
+                                             **_errors(401, 405, 429, 500)}}},
         "/health": _plain("The proxy process answers", "application/json",
                           {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}),
         "/ready": {"get": {"summary": "The proxy can serve: started and not draining. Each model's backends are in "
@@ -243,7 +251,7 @@ def build_spec(forward_paths: list[str] | tuple[str, ...] = DEFAULT_FORWARD_PATH
                 "type": "object", "required": ["model"], "properties": {"model": SAMPLING["model"]}}}}},
             "responses": {"200": {"description": "The backend's answer, unchanged", "content": {"*/*": {}}},
                           "default": {"description": "The backend's answer, unchanged", "content": {"*/*": {}}},
-                          **_errors(400, 401, 404, 405, 413, 502, 503, 504)},
+                          **_errors(400, 401, 404, 405, 413, 429, 500, 502, 503, 504)},
         }}
     return {
         "openapi": "3.1.0",

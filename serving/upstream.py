@@ -11,8 +11,12 @@ What matters for a retry is whether the backend may have started the request:
 
 from __future__ import annotations
 
+import json
+import logging
+import ssl
 import weakref
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -23,6 +27,7 @@ from yarl import URL
 
 from serving.resources import exhausted
 
+log = logging.getLogger("serving")
 # vLLM closes idle keep-alive connections after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): dropping ours
 # first keeps the reuse race rare.
 KEEPALIVE_SECONDS = 4.0
@@ -89,37 +94,72 @@ class PoolConnector(aiohttp.TCPConnector):
         return connection
 
 
+@dataclass(frozen=True)
+class Reach:
+    """What a request to one backend carries besides its URL: a discovered backend is an address of
+    the configured host name, which stays in Host and in TLS (SNI and certificate check); the URL's
+    userinfo becomes basic auth (the backend's URL, its label in metrics and logs, has none)."""
+
+    host: str | None = None  # the Host header: the configured URL's host[:port]
+    server_hostname: str | None = None  # TLS: the name sent (SNI) and checked in the certificate
+    authorization: str | None = None  # from the URL's userinfo
+    headers: dict[str, str] = field(init=False)  # of a request with a body
+    probe_headers: dict[str, str] = field(init=False)  # of a GET
+
+    def __post_init__(self) -> None:
+        extra = {"Host": self.host} if self.host else {}
+        if self.authorization:
+            extra["Authorization"] = self.authorization
+        object.__setattr__(self, "headers", {**JSON_HEADERS, **extra})
+        object.__setattr__(self, "probe_headers", extra)
+
+
+PLAIN = Reach()
+
+
 class Upstream:
     """The proxy's HTTP clients: one pooled session for requests, one for health checks (its own
     kept-alive connection per backend), and one without keep-alive for the retry after a stale
-    connection (a guaranteed fresh connection)."""
+    connection (a guaranteed fresh connection).
 
-    def __init__(self, health_interval: float = 0.0) -> None:
+    `reach` holds, by backend base URL, what requests to it carry besides the URL (discovery fills
+    it); `context` each backend's max_model_len, read from its /v1/models when it is first found
+    healthy (and again after it was down: a restart may change it)."""
+
+    def __init__(self, health_interval: float = 0.0, ssl_context: ssl.SSLContext | None = None) -> None:
         common = {"auto_decompress": False, "skip_auto_headers": SKIP_HEADERS,
                   "timeout": aiohttp.ClientTimeout(total=None)}
+        tls: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self.pooled = aiohttp.ClientSession(
-            connector=PoolConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS), **common)  # type: ignore[arg-type]
+            connector=PoolConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS, ssl=tls), **common)  # type: ignore[arg-type]
         self.fresh = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True), **common)  # type: ignore[arg-type]
+            connector=aiohttp.TCPConnector(limit=0, force_close=True, ssl=tls), **common)  # type: ignore[arg-type]
         # The proxy probes every backend every health_interval_seconds: on a kept-alive connection a
         # probe costs it about half the CPU of one that connects and closes. Kept only when the next
         # probe comes before the connection would be dropped idle.
         self.checks = self.fresh
         if health_interval < KEEPALIVE_SECONDS:
             self.checks = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS), **common)  # type: ignore[arg-type]
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS, ssl=tls),
+                **common)  # type: ignore[arg-type]
+        self.reach: dict[URL, Reach] = {}
+        self.context: dict[URL, int | None] = {}
+        self._caps_told: set[tuple[URL, str, int, int]] = set()
 
     async def close(self) -> None:
         for session in {self.pooled, self.fresh, self.checks}:
             await session.close()
 
-    async def post(self, url: URL, body: bytes, connect_seconds: float, fresh: bool) -> aiohttp.ClientResponse:
+    async def post(self, url: URL, body: bytes, connect_seconds: float, fresh: bool,
+                   base: URL | None = None) -> aiohttp.ClientResponse:
         """Send the request and read the response head; the body is the caller's to read."""
         attempt = Attempt()
         session = self.fresh if fresh else self.pooled
+        reach = self.reach.get(base, PLAIN) if self.reach and base is not None else PLAIN
         _ATTEMPT.set(attempt)
         try:
-            return await session.post(url, data=body, headers=JSON_HEADERS, timeout=_connect_timeout(connect_seconds))
+            return await session.post(url, data=body, headers=reach.headers, server_hostname=reach.server_hostname,
+                                      timeout=_connect_timeout(connect_seconds))
         except aiohttp.ConnectionTimeoutError:
             raise ConnectFailed(f"no connection within {connect_seconds:g} s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -137,7 +177,16 @@ class Upstream:
 
         A probe whose connection fails is made once more on a fresh connection, which decides: the
         failure may be that of a kept-alive connection the backend had just closed, which says
-        nothing about the backend."""
+        nothing about the backend. A backend found healthy for the first time (or again after it was
+        down) is asked its max_model_len before this returns: it takes no request before that."""
+        healthy = await self._health(base)
+        if healthy and base not in self.context:
+            await self._read_context(base)
+        elif healthy is False:
+            self.context.pop(base, None)
+        return healthy
+
+    async def _health(self, base: URL) -> bool | None:
         try:
             return await self._probe(self.checks, base)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
@@ -149,11 +198,58 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return None if exhausted(exc) else False
 
-    @staticmethod
-    async def _probe(session: aiohttp.ClientSession, base: URL) -> bool:
-        async with session.get(base / "health", timeout=_HEALTH_TIMEOUT) as response:
+    async def _probe(self, session: aiohttp.ClientSession, base: URL) -> bool:
+        reach = self.reach.get(base, PLAIN)
+        async with session.get(base / "health", timeout=_HEALTH_TIMEOUT, headers=reach.probe_headers,
+                               server_hostname=reach.server_hostname) as response:
             await response.read()
             return response.status == 200
+
+    async def _read_context(self, base: URL) -> None:
+        """The backend's max_model_len from its /v1/models (vLLM's and SGLang's model cards carry it);
+        None when it answers without one. Not stored when it could not be asked: the next probe asks."""
+        reach = self.reach.get(base, PLAIN)
+        try:
+            async with self.checks.get(base / "v1" / "models", timeout=_HEALTH_TIMEOUT, headers=reach.probe_headers,
+                                       server_hostname=reach.server_hostname) as response:
+                payload = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return
+        self.context[base] = length = context_length(payload) if status == 200 else None
+        if length is None:
+            log.info("%s: /v1/models answered %d without max_model_len: a max_tokens the proxy fills in from "
+                     "the profile is sent as it is", base, status)
+
+    def context_length(self, base: URL) -> int | None:
+        return self.context.get(base)
+
+    def note_cap(self, base: URL, model: str, default: int, limit: int) -> None:
+        """Say once per backend (and figures) that a profile's default max_tokens is lowered there."""
+        key = (base, model, default, limit)
+        if key not in self._caps_told:
+            self._caps_told.add(key)
+            log.warning("%s: %s reports max_model_len %d, below the profile's default max_tokens %d: requests "
+                        "without max_tokens get max_tokens %d there (lower the profile's default, or start the "
+                        "backend with a larger --max-model-len)", model, base, limit, default, limit)
+
+    def keep_reach(self, bases: set[URL]) -> None:
+        """Forget what is known of backends that are gone (discovery)."""
+        for known in (self.reach, self.context):
+            for base in [b for b in known if b not in bases]:
+                del known[base]
+
+
+def context_length(payload: bytes) -> int | None:
+    """The max_model_len of a /v1/models answer (the engine's, on its base model's cards)."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    cards = data.get("data") if isinstance(data, dict) else None
+    lengths = [card.get("max_model_len") for card in cards if isinstance(card, dict)] if isinstance(cards, list) else []
+    valid = [n for n in lengths if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    return min(valid) if valid else None
 
 
 _TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}

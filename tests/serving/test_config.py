@@ -44,7 +44,13 @@ def test_unknown_key_names_its_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("data", "expected"), [
-    ({"models": [{**MODEL, "backends": ["127.0.0.1:8100"]}]}, "models[0].backends: backend '127.0.0.1:8100' must be"),
+    ({"models": [{**MODEL, "backends": ["127.0.0.1:8100"]}]},
+     "models[0].backends[0]: a backend must be an http:// or https:// URL (got '127.0.0.1:8100')"),
+    ({"models": [{**MODEL, "backends": ["http://a:1", "http://b:99999"]}]},
+     "models[0].backends[1]: the port must be a number from 1 to 65535 (got 'http://b:99999')"),
+    ({"models": [{**MODEL, "backends": ["http://b:0"]}]}, "models[0].backends[0]: the port must be a number"),
+    ({"models": [{**MODEL, "backends": ["http://b:x"]}]}, "models[0].backends[0]: the port must be a number"),
+    ({"models": [{**MODEL, "backends": ["http://:8000"]}]}, "models[0].backends[0]: the URL names no host"),
     ({"models": [MODEL], "forward_paths": ["/v1/x?y=1"]}, "forward_paths: forward path '/v1/x?y=1' must be a plain path"),
     ({"models": [MODEL], "forward_paths": ["/admin"]}, "forward_paths: forward path '/admin' must be a plain path"),
     ({"models": [MODEL], "forward_paths": ["/v1/%2e%2e/x"]}, "forward path '/v1/%2e%2e/x' must be a plain path"),
@@ -90,3 +96,22 @@ def test_one_model_answers_to_its_hub_id_unasked(tmp_path: Path) -> None:
 
 def test_a_local_model_has_no_hub_id(tmp_path: Path) -> None:
     assert set(build_routes(load_config(config_file(tmp_path, {"models": [MODEL]})))) == {"tiny", "tiny-qwen3"}
+
+
+def test_a_whole_answer_is_bounded_by_what_the_profile_allows(tmp_path: Path) -> None:
+    """timeouts.response_seconds null: first_byte_seconds + the largest answer the model name may ask
+    (its max_tokens_cap, else max_model_len) at 10 tokens/s; set, it is used as it is."""
+    profile = yaml.safe_load(Path("configs/models/tiny-qwen3.yaml").read_text())
+    profile.update(name="capped", served_model_name="capped", aliases=[{"name": "short", "sampling": {
+        "max_tokens_cap": 100}}])
+    (tmp_path / "capped.yaml").write_text(yaml.safe_dump(profile))
+    config = load_config(config_file(tmp_path, {"models": [
+        {"profile": "qwq-32b", "backends": ["http://h:1"]},
+        {"profile": str(tmp_path / "capped.yaml"), "backends": ["http://h:2"], "timeouts": {"first_byte_seconds": 30}},
+        {"profile": "tiny-qwen3", "backends": ["http://h:3"], "timeouts": {"response_seconds": 7}},
+    ]}))
+    routes = build_routes(config)
+    assert routes["qwq-32b"].response_seconds == 600 + 131072 / 10  # 3.8 h: no cap, the whole context
+    assert routes["capped"].response_seconds == 30 + 2048 / 10
+    assert routes["short"].response_seconds == 30 + 100 / 10
+    assert routes["tiny"].response_seconds == 7

@@ -178,7 +178,7 @@ def test_backends_are_found_and_followed_by_dns(services: list[Service], tmp_pat
     set_hosts(hosts_file, "pods.test", ["127.0.0.2", "127.0.0.3"])
     config = tmp_path / "proxy.yaml"
     config.write_text(json.dumps({"models": [{"profile": "tiny-qwen3", "backends": [f"http://pods.test:{port}"],
-                                              "routing": "least_in_flight", "discover": True}],
+                                              "discover": True, "routing": "least_in_flight"}],
                                   "dns_refresh_seconds": 0.2, "health_interval_seconds": 0.2}))
     proxy_port = free_port()
     script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
