@@ -23,7 +23,7 @@ from tests.observability.conftest import (
     query_panels,
 )
 
-ALERTS = {"QwenBackendDown", "QwenErrorRatioHigh", "QwenBackendEjected", "QwenProxyInternalErrors",
+ALERTS = {"QwenBackendDown", "QwenModelUnavailable", "QwenErrorRatioHigh", "QwenBackendEjected", "QwenProxyInternalErrors",
           "QwenTTFTP99High", "QwenKVCacheNearFull", "QwenPreemptionsRising", "QwenProxySaturated"}
 THRESHOLDS = {"backendDownFor": "2m", "errorRatio": 0.05, "ttftP99Seconds": 10, "kvCacheUsage": 0.9,
               "preemptionsPerMinute": 1, "proxyInFlightPerReplica": 256, "backendEjections": 3}
