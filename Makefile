@@ -18,7 +18,9 @@ GPU ?= h100-80gb
 HEAD ?=
 RAY_PORT ?= 6379
 NUM_GPUS ?=
+# serve/serve-vllm: which GPUs (ids, GPUS=0,1,2,3); plan: how many (a count, GPUS=2).
 GPUS ?=
+REPLICAS ?=
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
@@ -26,6 +28,7 @@ STAMP := $(VENV)/.installed-$(VLLM_PACKAGE)-$(VLLM_VERSION)
 TINY_MODEL := .cache/models/tiny-qwen3/config.json
 TINY_LORA := .cache/models/tiny-lora/adapter_config.json
 PORT_ARG := $(if $(PORT),--port $(PORT))
+SERVE_ARGS = $(strip $(PORT_ARG) $(if $(REPLICAS),--replicas $(REPLICAS)) $(if $(GPUS),--gpus $(GPUS)))
 
 ##@ General
 
@@ -96,12 +99,12 @@ clean: ## Remove generated models, results and caches (keeps .venv)
 ##@ Run
 
 .PHONY: serve
-serve: install ## Start MODEL (default tiny-qwen3 without a GPU) with the proxy in front, on PROXY_PORT
-	$(PY) -m deploy serve $(MODEL) $(PORT_ARG) --proxy-port $(PROXY_PORT)
+serve: install ## Start MODEL (tiny-qwen3 without a GPU) as replicas over every GPU, the proxy on PROXY_PORT; REPLICAS=N, GPUS=0,1,.. (ids), PORT= (first replica's)
+	$(PY) -m deploy serve $(MODEL) $(SERVE_ARGS) --proxy-port $(PROXY_PORT)
 
 .PHONY: serve-vllm
-serve-vllm: install ## Start only vLLM for MODEL (port from the profile, PORT= overrides)
-	$(PY) -m deploy serve $(MODEL) $(PORT_ARG)
+serve-vllm: install ## Start only vLLM for MODEL, no proxy (REPLICAS=, GPUS=0,1,.. ids, PORT= as for serve)
+	$(PY) -m deploy serve $(MODEL) $(SERVE_ARGS) --no-proxy
 
 .PHONY: proxy
 proxy: install ## Start only the proxy from configs/proxy.yaml (the vLLM backends must be running)
@@ -139,7 +142,7 @@ ray-stop: install ## Stop Ray on this node
 	$(PY) -m deploy ray-stop
 
 .PHONY: status
-status: install ## Show the Ray cluster: nodes, GPUs free/used, what is serving
+status: install ## What serve runs here (each replica's GPUs, port, pid, health) and the Ray cluster
 	$(PY) -m deploy status
 
 ##@ Benchmarks

@@ -63,7 +63,8 @@ def start_backends(stack: Stack, profile: str, given: list[str], cores: Cores | 
         index = len(urls)
         where = f", CPU {cpu_list(cores.servers[index])}" if cores else ""
         print(f"starting vLLM {BACKEND_NAMES[index]} ({profile}) on port {port}{where}", flush=True)
-        stack.start([python, "-m", "deploy", "serve", profile, "--port", str(port)],
+        # One replica each: the comparison is one server against two, not the box's whole layout.
+        stack.start([python, "-m", "deploy", "serve", profile, "--port", str(port), "--replicas", "1"],
                     f"http://127.0.0.1:{port}/health", timeout=600,
                     env=cores.env(index) if cores else None, cpus=set(cores.servers[index]) if cores else None)
         urls.append(f"http://127.0.0.1:{port}")

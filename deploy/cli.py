@@ -11,6 +11,8 @@ from pathlib import Path
 from deploy import chart
 from deploy.engines.registry import engine_for
 from deploy.errors import DeployError
+from deploy.host import GpuId, gpu_id
+from deploy.layout import DEFAULT_PROXY_PORT
 from deploy.loader import known_profiles, load_profile
 from deploy.paths import GENERATED_MODELS_DIR
 from deploy.profile import Profile
@@ -80,18 +82,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from deploy.launch import prepare, release, serve
+    from deploy.layout import Ask
 
     profile = load_profile(args.profile, args.set)
-    port = args.port or profile.port
-    launch = prepare(profile, port=port, ray_address=args.ray_address, generate_model=not args.dry_run)
+    ask = Ask(replicas=args.replicas, gpus=args.gpus, port=args.port, proxy_port=args.proxy_port,
+              no_proxy=args.no_proxy)
+    launch = prepare(profile, ask, ray_address=args.ray_address, dry_run=args.dry_run)
     if args.dry_run:
         release(launch)
         for warning in launch.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(json.dumps({"argv": launch.command.argv, "env": launch.command.env}, indent=2))
-        print(launch.command.shell_line())
+        print(json.dumps(launch.layout.as_json(), indent=2) if args.json else launch.layout.describe())
         return 0
-    return serve(launch, port=port, proxy_port=args.proxy_port, startup_timeout=args.startup_timeout)
+    if args.json:
+        raise DeployError("--json goes with --dry-run (it prints the layout serve would start)")
+    return serve(launch, startup_timeout=args.startup_timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deploy import run_state
+
+    found = run_state.read_all()
+    if args.json:
+        print(run_state.dumps(found))
+        return 0
+    print(run_state.describe(found))
+    ray_cli.print_cluster(args.address)
+    return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def gpu_list(text: str) -> tuple[GpuId, ...]:
+    """--gpus 0,1,2 (or UUIDs, as CUDA_VISIBLE_DEVICES takes them)."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if not all(entries):
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU ids separated by commas, e.g. 0,1,2,3")
+    return tuple(gpu_id(entry) for entry in entries)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -149,14 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead-gib", type=float, default=2.0, help="per-GPU activations/CUDA graphs allowance")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("serve", help="validate and start vLLM for a profile")
+    p = sub.add_parser("serve", help="validate and start vLLM for a profile: replicas over the GPUs, the proxy in front")
     with_profile(p, allow_all=False)
-    p.add_argument("--port", type=int, help="vLLM port (default: the profile's, 8100)")
-    p.add_argument("--proxy-port", type=int, help="also start the proxy in front of vLLM on this port")
+    p.add_argument("--replicas", type=positive_int,
+                   help="servers to start (default: as many as the GPUs hold, GPUs / (tensor x pipeline); "
+                        "on the CPU 1, and N split the cores)")
+    p.add_argument("--gpus", type=gpu_list, metavar="ID,ID,...",
+                   help="the GPUs to use, as nvidia-smi numbers them (default: every visible GPU); with "
+                        "--dry-run taken as given")
+    p.add_argument("--port", type=int, help="the first replica's port (default: the profile's, 8100); "
+                                            "replica i listens on port + i")
+    proxy = p.add_mutually_exclusive_group()
+    proxy.add_argument("--proxy-port", type=int,
+                       help=f"the proxy in front of the replicas on this port (default with several replicas: "
+                            f"{DEFAULT_PROXY_PORT}; with one: no proxy)")
+    proxy.add_argument("--no-proxy", action="store_true", help="no proxy, even with several replicas")
     p.add_argument("--ray-address", help="Ray cluster to join for executor: ray (default: auto)")
-    p.add_argument("--dry-run", action="store_true", help="run the checks, print the argv, start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the checks, print each replica's argv and the proxy's, start nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the layout as JSON")
     p.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for /health")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="what serve runs here (replicas: GPUs, port, pid, health) and the Ray cluster")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or this node's)")
+    p.add_argument("--json", action="store_true", help="what serve runs here, as JSON (no Ray view)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("tiny-model", help="generate the tiny CPU model (no download)")
     p.add_argument("--out", type=Path, default=GENERATED_MODELS_DIR / "tiny-qwen3")

@@ -1,25 +1,54 @@
-"""What this machine offers the launcher: the NVIDIA GPUs this process may use, and free ports."""
+"""What this machine offers the launcher: the NVIDIA GPUs and CPU cores this process may use, and
+free ports."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 
+# A GPU as CUDA_VISIBLE_DEVICES names it: its index (nvidia-smi's number) or a UUID (GPU-..., MIG-...).
+GpuId = int | str
 
-def visible_gpus() -> int:
-    """NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES narrows what nvidia-smi lists)."""
+
+def gpu_id(text: str) -> GpuId:
+    """'3' -> 3; a UUID stays a string."""
+    text = text.strip()
+    return int(text) if text.isdigit() else text
+
+
+def visible_gpu_ids() -> list[GpuId]:
+    """The NVIDIA GPUs this process may use, as CUDA_VISIBLE_DEVICES would name them.
+
+    CUDA_VISIBLE_DEVICES narrows what nvidia-smi lists; like CUDA, its list ends at the first
+    empty or -1 entry."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+        ids: list[GpuId] = []
+        for entry in visible.split(","):
+            if not entry.strip() or entry.strip() == "-1":
+                break
+            ids.append(gpu_id(entry))
+        return ids
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+        return []
+    return [int(m.group(1)) for line in out.stdout.splitlines() if (m := re.match(r"GPU (\d+):", line))]
+
+
+def visible_gpus() -> int:
+    """How many NVIDIA GPUs this process may use."""
+    return len(visible_gpu_ids())
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity: a container's cpuset, taskset)."""
+    return sorted(os.sched_getaffinity(0))
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -1,8 +1,10 @@
-"""Start a profile's engine server: preflight checks, then supervise the server process.
+"""Start a profile's engine servers: preflight checks, then supervise the replicas and the proxy.
 
-The launcher runs the server (vLLM; an engine that cannot run here says why before anything
-starts) as a child (an argv list, never a shell string), waits for its /health, prints how to
-reach it, forwards SIGINT/SIGTERM and exits with the server's status.
+The launcher lays the profile out on this machine (deploy/layout.py: replicas, each with its GPUs
+or CPU cores and port, and the proxy in front), runs each server as a child (an argv list, never a
+shell string), waits for their /health, prints how to reach them, restarts a replica that dies
+while the rest keep serving, forwards SIGINT/SIGTERM and exits with the servers' status. What it
+runs is written to .cache/run/ for `status`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from deploy.engines.base import Command
+from deploy import run_state
+from deploy.child import Child
 from deploy.engines.registry import engine_for
 from deploy.errors import LaunchError
-from deploy.host import port_free, visible_gpus
+from deploy.host import port_free, usable_cores, visible_gpu_ids
+from deploy.layout import Ask, Layout, Machine, ids, plan_layout, ray_replicas
 from deploy.profile import Profile
 from deploy.ray import cluster as ray_cluster
 from deploy.ray import preflight as ray_preflight
-from deploy.render import server_command
-from deploy.supervise import Child, Supervisor
+from deploy.supervise import ChildState, Supervisor
 
 
 @dataclass
@@ -27,7 +31,7 @@ class Launch:
     """What `serve` will run, after every check that needs no process started."""
 
     profile: Profile
-    command: Command
+    layout: Layout
     warnings: list[str] = field(default_factory=list)
     started_ray: bool = False  # a single-node Ray head this launcher started (and must stop)
 
@@ -61,36 +65,43 @@ def ensure_adapters(profile: Profile) -> None:
             )
 
 
-def check_gpus(profile: Profile) -> None:
-    if profile.device != "cuda" or profile.parallelism.executor == "ray":
-        return  # the Ray preflight counts the cluster's GPUs, which may be on other nodes
-    needed = profile.parallelism.world_size
-    have = visible_gpus()
-    if have < needed:
-        hint = " On a machine without an NVIDIA GPU use MODEL=tiny-qwen3." if have == 0 else ""
-        raise LaunchError(
-            f"{profile.name} needs {needed} GPU(s) (tensor {profile.parallelism.tensor} x pipeline "
-            f"{profile.parallelism.pipeline}); {have} visible.{hint}"
-        )
+def machine() -> Machine:
+    return Machine(gpus=tuple(visible_gpu_ids()), cores=tuple(usable_cores()),
+                   device_order=os.environ.get("CUDA_DEVICE_ORDER"))
 
 
-def prepare(profile: Profile, port: int | None = None, ray_address: str | None = None,
-            generate_model: bool = True) -> Launch:
-    """Every check that can fail before a process starts; returns what to run."""
+def prepare(profile: Profile, ask: Ask | None = None, ray_address: str | None = None,
+            dry_run: bool = False) -> Launch:
+    """Every check that can fail before a server starts; returns what to run.
+
+    A dry run generates nothing and starts no Ray head: without a cluster to ask, a Ray profile's
+    preview holds the replicas asked for (one by default) and says the preflight did not run."""
+    ask = ask or Ask()
     refused = engine_for(profile).serve_refusal(profile)
     if refused is not None:
         raise LaunchError(refused)
-    if generate_model:
+    if not dry_run:
         ensure_model(profile)
-    check_gpus(profile)
-    command = server_command(profile, port=port)
-    warnings: list[str] = []
-    if profile.parallelism.executor == "ray":
-        report = ray_preflight.preflight(profile, ray_address)
-        warnings += report.warnings
-        command = Command(argv=command.argv, env={**command.env, **report.env})
-        return Launch(profile, command, warnings, started_ray=report.started_cluster)
-    return Launch(profile=profile, command=command, warnings=warnings)
+    here = machine()
+    if profile.device != "cuda" or profile.parallelism.executor != "ray":
+        layout = plan_layout(profile, ask, here, dry_run=dry_run)
+        return Launch(profile, layout, list(layout.warnings))
+    wanted = ray_replicas(profile, ask)
+    report = ray_preflight.preflight(profile, ray_address, replicas=wanted, gpu_ids=ask.gpus, start=not dry_run)
+    if report is None:
+        count = wanted or 1
+        layout = plan_layout(profile, ask, here, dry_run=True, ray_replica_count=count)
+        note = (f"no Ray cluster answers here, so the Ray preflight did not run (a dry run starts none): this "
+                f"preview holds {count} replica(s); start one with make ray-head to check the cluster")
+        return Launch(profile, layout, [note, *layout.warnings])
+    try:
+        layout = plan_layout(profile, ask, here, dry_run=dry_run, ray_replica_count=report.replicas,
+                             ray_env=report.env)
+    except LaunchError:
+        if report.started_cluster:
+            ray_cluster.stop()
+        raise
+    return Launch(profile, layout, [*report.warnings, *layout.warnings], started_ray=report.started_cluster)
 
 
 def release(launch: Launch) -> None:
@@ -99,39 +110,82 @@ def release(launch: Launch) -> None:
         ray_cluster.stop()
 
 
-def serve(launch: Launch, port: int, proxy_port: int | None, startup_timeout: float) -> int:
-    """Run the engine's server (and the proxy in front of it when proxy_port is given) until stopped."""
-    profile = launch.profile
-    for needed in (port, proxy_port):
-        if needed is not None and not port_free(needed):
-            release(launch)
-            raise LaunchError(f"port {needed} is in use: stop what listens there or pass PORT=<free port>")
+def check_ports(layout: Layout) -> None:
+    replicas = layout.replicas
+    span = f"{replicas[0].port}-{replicas[-1].port}"
+    for replica in replicas:
+        if not port_free(replica.port):
+            if len(replicas) == 1:
+                raise LaunchError(f"port {replica.port} is in use: stop what listens there or pass PORT=<free port>")
+            raise LaunchError(f"port {replica.port} (replica {replica.index}; the {len(replicas)} replicas use "
+                              f"{span}) is in use: stop what listens there or pass PORT=<free port> (the first "
+                              "replica's; the others take the next ones)")
+    if layout.proxy_port is not None and not port_free(layout.proxy_port):
+        raise LaunchError(f"port {layout.proxy_port} (the proxy's) is in use: stop what listens there or pass "
+                          "PROXY_PORT=<free port> (--proxy-port)")
+
+
+def children(layout: Layout) -> list[Child]:
+    """A child per replica (restarted when it dies), then the proxy (whose death stops everything)."""
+    engine = engine_for(layout.profile)
+    several = len(layout.replicas) > 1
+    found: list[Child] = [
+        Child(name=f"{engine.name} replica {r.index} ({r.where}, port {r.port})" if several else engine.name,
+              argv=r.command.argv, env={**os.environ, **r.command.env}, health_url=f"{r.url}/health",
+              restartable=True, log_prefix=f"[replica {r.index}] " if several else None)
+        for r in layout.replicas
+    ]
+    proxy = layout.proxy_argv()
+    if proxy is not None:
+        found.append(Child(name="proxy", argv=proxy, env=dict(os.environ),
+                           health_url=f"http://127.0.0.1:{layout.proxy_port}/ready"))
+    return found
+
+
+def record(layout: Layout, states: list[ChildState], launcher_pid: int) -> run_state.ServeRecord:
+    """The state file's content: the layout, and what the supervisor knows of each child now."""
+    replicas = [
+        run_state.ReplicaRecord(index=r.index, where=r.where, port=r.port,
+                                gpus=list(r.gpus) if isinstance(r.gpus, tuple) else r.gpus,
+                                pid=s.pid, state=s.status, restarts=s.restarts, last_exit=s.last_exit)
+        for r, s in zip(layout.replicas, states, strict=False)
+    ]
+    proxy = None
+    if layout.proxy_port is not None:
+        state = states[len(layout.replicas)]
+        proxy = run_state.ProxyRecord(port=layout.proxy_port, pid=state.pid, state=state.status)
+    return run_state.ServeRecord(launcher_pid=launcher_pid, profile=layout.profile.name,
+                                 served_model_name=layout.profile.served_model_name, replicas=replicas, proxy=proxy)
+
+
+def serve(launch: Launch, startup_timeout: float, run_dir: Path = run_state.RUN_DIR) -> int:
+    """Run the replicas (and the proxy in front of them) until stopped."""
+    layout = launch.layout
+    try:
+        check_ports(layout)
+    except LaunchError:
+        release(launch)
+        raise
     for warning in launch.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    server = Child(
-        name=engine_for(profile).name,
-        argv=launch.command.argv,
-        env={**os.environ, **launch.command.env},
-        health_url=f"http://127.0.0.1:{port}/health",
-    )
-    children = [server]
-    if proxy_port is not None:
-        children.append(Child(
-            name="proxy",
-            argv=[sys.executable, "-m", "serving", "--backend", f"{profile.name}=http://127.0.0.1:{port}",
-                  "--port", str(proxy_port)],
-            env=dict(os.environ),
-            health_url=f"http://127.0.0.1:{proxy_port}/ready",
-        ))
-    supervisor = Supervisor(children, startup_timeout=startup_timeout)
-    public_port = proxy_port or port
+    launcher = os.getpid()
+    run_state.remove_stale(run_dir)
+
+    def written(states: list[ChildState]) -> None:
+        run_state.write(record(layout, states, launcher), run_dir)
+
+    supervisor = Supervisor(children(layout), startup_timeout=startup_timeout, on_change=written)
     try:
-        return supervisor.run(on_ready=lambda: print(ready_message(profile, public_port), flush=True))
+        return supervisor.run(on_ready=lambda: print(ready_message(layout), flush=True))
     finally:
+        run_state.remove(launcher, run_dir)
         release(launch)
 
 
-def ready_message(profile: Profile, port: int) -> str:
+def ready_message(layout: Layout) -> str:
+    profile = layout.profile
+    replicas = layout.replicas
+    port = layout.proxy_port or replicas[0].port
     url = f"http://127.0.0.1:{port}"
     body = (
         f'{{"model": "{profile.served_model_name}", '
@@ -140,8 +194,16 @@ def ready_message(profile: Profile, port: int) -> str:
     adapters = profile.adapter_names
     names = f"model name: {profile.served_model_name}" + (
         f"; LoRA adapters: {', '.join(adapters)} (send one as the model name)" if adapters else "")
+    if len(replicas) == 1:
+        behind = ""
+    elif layout.proxy_port is not None:
+        behind = (f"{len(replicas)} replicas behind the proxy (prefix affinity), on ports "
+                  f"{replicas[0].port}-{replicas[-1].port}; `python -m deploy status` shows them\n")
+    else:
+        behind = (f"{len(replicas)} replicas, each on its own port ({ids(tuple(r.port for r in replicas))}), "
+                  "no proxy in front (--no-proxy)\n")
     return (
-        f"\n{profile.name} is ready at {url}/v1 ({names})\n"
+        f"\n{profile.name} is ready at {url}/v1 ({names})\n{behind}"
         f"try:\n  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{body}'\n"
         "Ctrl-C stops it.\n"

@@ -1,4 +1,4 @@
-"""`python -m deploy ray-head | ray-worker | ray-stop | status`."""
+"""`python -m deploy ray-head | ray-worker | ray-stop`, and the Ray part of `status`."""
 
 from __future__ import annotations
 
@@ -35,35 +35,42 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def print_cluster(address: str | None) -> None:
+    """The Ray cluster: nodes, GPUs free/used, what is serving. Without an address (nor
+    RAY_ADDRESS) a missing cluster is one line; a named one that does not answer is an error."""
     import ray
 
-    target = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    named = address or os.environ.get("RAY_ADDRESS")
+    target = named or "auto"
+    if named and named != "auto" and not ray_cluster.reachable(named):
+        raise LaunchError(f"no Ray cluster answers at {named!r}: start one with make ray-head")
     try:
         ray.init(address=target, logging_level=logging.ERROR, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError):
-        raise LaunchError(f"no Ray cluster answers at {target!r}: start one with make ray-head") from None
+        if named:
+            raise LaunchError(f"no Ray cluster answers at {target!r}: start one with make ray-head") from None
+        print("Ray: no cluster on this node")
+        return
     try:
         total, free = ray.cluster_resources(), ray.available_resources()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        print(f"cluster {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s), "
+        print(f"Ray cluster {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s), "
               f"GPUs {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}")
         for node in nodes:
             resources = node.get("Resources", {})
             role = "head" if resources.get("node:__internal_head__") else "worker"
             print(f"  {node['NodeManagerAddress']:<15} {role:<6} GPUs {resources.get('GPU', 0):g}  "
                   f"CPUs {resources.get('CPU', 0):g}")
-        # vLLM's Ray executor reserves its GPUs in a placement group: that is what is serving.
+        # vLLM's Ray executor reserves its GPUs in a placement group (one per replica): that is what is serving.
         groups = [g for g in ray.util.placement_group_table().values() if g.get("state") == "CREATED"]
         if not groups:
-            print("serving: nothing (no placement group holds GPUs)")
+            print("  serving: nothing (no placement group holds GPUs)")
         for group in groups:
             gpus = sum(b.get("GPU", 0) for b in group.get("bundles", {}).values())
-            print(f"serving: placement group {group.get('name') or group['placement_group_id'][:12]} "
+            print(f"  serving: placement group {group.get('name') or group['placement_group_id'][:12]} "
                   f"holding {gpus:g} GPUs ({group.get('strategy', '')})")
     finally:
         ray.shutdown()
-    return 0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,7 +90,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = subparsers.add_parser("ray-stop", help="stop Ray on this node")
     p.set_defaults(func=cmd_stop)
-
-    p = subparsers.add_parser("status", help="the Ray cluster: nodes, GPUs free/used, what is serving")
-    p.add_argument("--address", help="cluster address (default: RAY_ADDRESS or this node's)")
-    p.set_defaults(func=cmd_status)

@@ -6,6 +6,7 @@ for a logical cluster (tests, dry runs).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.errors import LaunchError
+from deploy.host import GpuId
 
 DEFAULT_PORT = 6379
 
@@ -29,6 +31,7 @@ class HeadOptions:
     node_ip: str | None = None
     temp_dir: str | None = None
     dashboard: bool = False
+    gpu_ids: tuple[GpuId, ...] | None = None  # only these GPUs (CUDA_VISIBLE_DEVICES of the raylet)
 
 
 def reachable(address: str) -> bool:
@@ -50,8 +53,9 @@ def cluster_alive(address: str) -> bool:
     return result.returncode == 0
 
 
-def _run(argv: list[str], what: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False,
+                            env={**os.environ, **env} if env else None)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise LaunchError(f"{what} failed (exit {result.returncode}): {' '.join(detail)}")
@@ -82,7 +86,9 @@ def start_head(options: HeadOptions) -> tuple[str, bool]:
     argv = [ray_cli(), "start", "--head", "--port", str(options.port),
             f"--include-dashboard={str(options.dashboard).lower()}",
             *_node_args(options.num_gpus, options.node_ip, options.temp_dir)]
-    _run(argv, "ray start --head")
+    # Ray hands its workers GPUs from the raylet's CUDA_VISIBLE_DEVICES: the head's GPUs are these.
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, options.gpu_ids))} if options.gpu_ids is not None else None
+    _run(argv, "ray start --head", env)
     return address, True
 
 

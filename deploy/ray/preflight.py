@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deploy.errors import LaunchError
-from deploy.host import visible_gpus
+from deploy.host import GpuId, visible_gpus
 from deploy.profile import Profile
 from deploy.ray import cluster as ray_cluster
 
@@ -36,6 +36,7 @@ class PreflightReport:
     warnings: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     started_cluster: bool = False  # the launcher started a single-node head: it stops it too
+    replicas: int = 1  # the vLLM servers the cluster holds, each tensor x pipeline GPUs
 
 
 def installed_vllm_version() -> str | None:
@@ -83,17 +84,22 @@ def _survey(profile: Profile) -> list[NodeFacts]:
             for n, f in zip(alive, facts, strict=True)]
 
 
-def check(profile: Profile, address: str, nodes: list[NodeFacts]) -> PreflightReport:
-    """Pure verdict on the surveyed nodes (raises LaunchError when vLLM cannot run)."""
+def check(profile: Profile, address: str, nodes: list[NodeFacts], replicas: int | None = None) -> PreflightReport:
+    """Pure verdict on the surveyed nodes for `replicas` vLLM servers (None: as many as the
+    cluster's GPUs hold); raises LaunchError when they cannot run."""
     par = profile.parallelism
-    needed = par.world_size
+    per_replica = par.world_size
     total = sum(n.gpus for n in nodes)
     gpu_nodes = [n for n in nodes if n.gpus > 0]
+    count = replicas or max(1, total // per_replica)
+    needed = count * per_replica
     if total < needed:
+        each = f"tensor {par.tensor} x pipeline {par.pipeline}"
+        fewer = f" or pass --replicas {total // per_replica}" if total >= per_replica else ""
         raise LaunchError(
-            f"{profile.name} needs {needed} GPUs (tensor {par.tensor} x pipeline {par.pipeline}); the cluster "
-            f"has {total} on {len(gpu_nodes)} node(s): start a worker with "
-            f"make ray-worker HEAD={address} on another GPU node"
+            f"{profile.name} needs {needed} GPUs ({each if count == 1 else f'{count} replicas x {each}'}); the "
+            f"cluster has {total} on {len(gpu_nodes)} node(s): start a worker with "
+            f"make ray-worker HEAD={address} on another GPU node{fewer}"
         )
     versions = {n.vllm_version for n in nodes}
     if len(versions) > 1:
@@ -104,10 +110,10 @@ def check(profile: Profile, address: str, nodes: list[NodeFacts]) -> PreflightRe
     if missing:
         raise LaunchError(f"{profile.name}: model directory {profile.model_path} is missing on node(s) "
                           f"{', '.join(missing)}: put it on shared storage or copy it to every node")
-    report = PreflightReport(address=address, nodes=nodes)
+    report = PreflightReport(address=address, nodes=nodes, replicas=count)
     most = max((n.gpus for n in gpu_nodes), default=0)
     if par.tensor > most:
-        pipeline = -(-needed // most)
+        pipeline = -(-per_replica // most)
         report.warnings.append(
             f"tensor parallel {par.tensor} crosses nodes (at most {most} GPUs per node): every layer then "
             f"waits on the network. Prefer tensor parallel inside a node and pipeline parallel across "
@@ -126,20 +132,27 @@ def node_environment(ip: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
-def preflight(profile: Profile, address: str | None) -> PreflightReport:
-    """Connect to the cluster at address (or RAY_ADDRESS, or this node's) and check it.
+def preflight(profile: Profile, address: str | None, replicas: int | None = None,
+              gpu_ids: tuple[GpuId, ...] | None = None, start: bool = True) -> PreflightReport | None:
+    """Connect to the cluster at address (or RAY_ADDRESS, or this node's) and check that it holds
+    `replicas` vLLM servers (None: as many as it holds).
 
-    With no address and no cluster, a single-node head is started with this node's GPUs (as
-    vLLM itself would), and stopped again if the checks refuse.
-    """
+    With no address and no cluster, a single-node head is started with this node's GPUs (only
+    `gpu_ids` when given), as vLLM itself would, and stopped again if the checks refuse; with
+    start=False (a dry run) nothing is started and the answer is None."""
     import ray
 
     started = False
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target is None:
         local = f"127.0.0.1:{ray_cluster.DEFAULT_PORT}"
-        if not ray_cluster.cluster_alive(local):
-            address, started = ray_cluster.start_head(ray_cluster.HeadOptions(num_gpus=visible_gpus()))
-    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+        if ray_cluster.cluster_alive(local):
+            target = local
+        elif not start:
+            return None
+        else:
+            gpus = len(gpu_ids) if gpu_ids is not None else visible_gpus()
+            target, started = ray_cluster.start_head(ray_cluster.HeadOptions(num_gpus=gpus, gpu_ids=gpu_ids))
     try:
         if target != "auto" and not ray_cluster.reachable(target):
             # ray.init would retry for minutes against an address where nothing listens.
@@ -147,6 +160,11 @@ def preflight(profile: Profile, address: str | None) -> PreflightReport:
                 f"{profile.name} runs on Ray but no Ray cluster answers at {target!r}: start one with "
                 "make ray-head (and make ray-worker HEAD=<head ip:port> on other nodes), or pass --ray-address"
             )
+        if gpu_ids is not None and not started:
+            raise LaunchError(
+                f"--gpus {','.join(map(str, gpu_ids))}: {profile.name} runs on the Ray cluster at {target}, which "
+                "is already running and places GPUs itself: pass --replicas N instead (or stop it with make "
+                "ray-stop, and serve starts a head on just these GPUs)")
         try:
             ray.init(address=target, logging_level=logging.ERROR, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError) as exc:
@@ -156,8 +174,10 @@ def preflight(profile: Profile, address: str | None) -> PreflightReport:
             ) from None
         try:
             resolved = ray.get_runtime_context().gcs_address
-            report = check(profile, resolved, _survey(profile))
+            report = check(profile, resolved, _survey(profile), replicas)
             report.env = node_environment(ray.util.get_node_ip_address())
+            if "RAY_ADDRESS" not in os.environ:
+                report.env["RAY_ADDRESS"] = resolved  # every replica's vLLM joins the cluster checked here
         finally:
             ray.shutdown()
     except LaunchError:

@@ -19,12 +19,14 @@ DEPLOY = REPO_ROOT / "deploy"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"deploy.errors", "deploy.paths", "deploy.typed_config", "deploy.host", "deploy.health"}),
     ("typed profile, and tools that need no profile", {
-        "deploy.profile", "deploy.supervise", "deploy.tiny.model", "deploy.tiny.lora", "deploy.ray.cluster"}),
+        "deploy.profile", "deploy.child", "deploy.supervise", "deploy.run_state", "deploy.tiny.model", "deploy.tiny.lora",
+        "deploy.ray.cluster"}),
     ("readers of a profile", {"deploy.adapters", "deploy.ray.preflight"}),
     ("engines", {
         "deploy.engines.base", "deploy.engines.vllm_check", "deploy.engines.vllm", "deploy.engines.sglang_check",
         "deploy.engines.sglang", "deploy.engines.sglang_probe", "deploy.engines.registry"}),
-    ("loader, render, plan, launch", {"deploy.loader", "deploy.render", "deploy.memory_plan", "deploy.launch"}),
+    ("loader, render, plan, launch", {
+        "deploy.loader", "deploy.render", "deploy.memory_plan", "deploy.layout", "deploy.launch"}),
     ("chart generator", {"deploy.chart"}),
     ("command line", {"deploy.cli", "deploy.ray.cli", "deploy.__main__"}),
 ]

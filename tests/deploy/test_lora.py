@@ -239,10 +239,10 @@ def test_no_lora_no_flags() -> None:
 
 def test_dry_run_shows_the_lora_argv() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "deploy", "serve", "tiny-qwen3-lora", "--port", "8199", "--dry-run"],
+        [sys.executable, "-m", "deploy", "serve", "tiny-qwen3-lora", "--port", "8199", "--dry-run", "--json"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     )
-    argv = json.loads(result.stdout.split("\n}\n")[0] + "\n}")["argv"]
+    argv = json.loads(result.stdout)["replicas"][0]["argv"]
     assert "--enable-lora" in argv and json.loads(argv[argv.index("--lora-modules") + 1])["name"] == "tiny-lora"
 
 

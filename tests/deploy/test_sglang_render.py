@@ -180,7 +180,7 @@ def test_check_fails_when_sglang_would_not_build_a_yarn_embedding() -> None:
 
 def test_serve_refuses_sglang_before_starting_anything() -> None:
     with pytest.raises(LaunchError) as err:
-        prepare(load_profile(INSTRUCT), generate_model=False)
+        prepare(load_profile(INSTRUCT), dry_run=True)
     text = str(err.value)
     assert "serve` starts vLLM only" in text and "needs an NVIDIA GPU" in text
     assert f"python -m deploy render {INSTRUCT}" in text and f"--backend {INSTRUCT}=http://" in text

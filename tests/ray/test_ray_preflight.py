@@ -60,15 +60,40 @@ class TestOneNodeTwoGpus:
 
 
     def test_two_gpus_pass_and_dry_run_prints_the_argv(self, two_gpu_head: str) -> None:
-        result = deploy("serve", "qwq-32b", "--dry-run", "--ray-address", two_gpu_head)
+        result = deploy("serve", "qwq-32b", "--dry-run", "--json", "--ray-address", two_gpu_head)
         assert result.returncode == 0, result.stderr
-        payload, _ = json.JSONDecoder().raw_decode(result.stdout)
-        argv = payload["argv"]
+        [replica] = json.loads(result.stdout)["replicas"]
+        argv = replica["argv"]
         assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
         assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
-        assert payload["env"]["VLLM_HOST_IP"]
+        assert replica["env"]["VLLM_HOST_IP"] and replica["gpus"] == 2
         assert "warning" not in result.stderr
 
+
+    def test_replicas_times_tensor_must_fit_the_cluster(self, two_gpu_head: str) -> None:
+        result = deploy("serve", "qwq-32b", "--dry-run", "--ray-address", two_gpu_head, "--replicas", "2")
+        assert result.returncode == 2
+        assert re.search(r"qwq-32b needs 4 GPUs \(2 replicas x tensor 2 x pipeline 1\); the cluster has 2 on 1 "
+                         r"node\(s\): start a worker with make ray-worker HEAD=[\d.:]+ on another GPU node or pass "
+                         r"--replicas 1$", result.stderr.strip()), result.stderr
+
+    def test_replicas_fill_the_cluster_by_default(self, two_gpu_head: str) -> None:
+        result = deploy("serve", "qwq-32b", "--set", "parallelism.tensor=1", "--dry-run", "--json",
+                        "--ray-address", two_gpu_head, "--port", "9100")
+        assert result.returncode == 0, result.stderr
+        payload = json.loads(result.stdout)
+        assert [(r["gpus"], r["port"]) for r in payload["replicas"]] == [(1, 9100), (1, 9101)]
+        assert all(r["env"]["VLLM_HOST_IP"] for r in payload["replicas"])
+        # Every replica's vLLM joins the cluster the preflight checked, not whichever "auto" finds.
+        port = two_gpu_head.rsplit(":", 1)[1]
+        assert all(r["env"]["RAY_ADDRESS"].endswith(f":{port}") for r in payload["replicas"])
+        assert payload["proxy"]["backends"] == ["http://127.0.0.1:9100", "http://127.0.0.1:9101"]
+
+    def test_gpu_ids_cannot_be_imposed_on_a_running_cluster(self, two_gpu_head: str) -> None:
+        result = deploy("serve", "qwq-32b", "--gpus", "0,1", "--dry-run", "--ray-address", two_gpu_head)
+        assert result.returncode == 2
+        assert (f"--gpus 0,1: qwq-32b runs on the Ray cluster at {two_gpu_head}, which is already running and "
+                "places GPUs itself: pass --replicas N instead") in result.stderr
 
     def test_status_shows_nodes_and_gpus(self, two_gpu_head: str) -> None:
         result = deploy("status", "--address", two_gpu_head)
@@ -129,7 +154,7 @@ class TestTwoNodesOneGpuEach:
                         "--set", "parallelism.tensor=1", "--set", "parallelism.pipeline=2")
         assert result.returncode == 0, result.stderr
         assert "warning" not in result.stderr
-        assert '"--pipeline-parallel-size",\n    "2"' in result.stdout
+        assert "--tensor-parallel-size 1 --pipeline-parallel-size 2" in result.stdout
 
 
 
@@ -143,6 +168,38 @@ def node(ip: str, gpus: int, version: str | None = "0.32.0", visible: bool | Non
 def test_version_mismatch_is_reported_per_node() -> None:
     with pytest.raises(LaunchError, match=r"vLLM differs between Ray nodes \(10.0.0.1: 0.32.0, 10.0.0.2: 0.31.0\)"):
         check(load_profile("qwq-32b"), "10.0.0.1:6379", [node("10.0.0.1", 1), node("10.0.0.2", 1, "0.31.0")])
+
+
+def test_the_cluster_holds_replicas_of_tensor_x_pipeline() -> None:
+    qwq = load_profile("qwq-32b")
+    nodes = [node("10.0.0.1", 4), node("10.0.0.2", 4)]
+    assert check(qwq, "a", nodes).replicas == 4  # none asked: as many as it holds
+    assert check(qwq, "a", nodes, replicas=3).replicas == 3
+    with pytest.raises(LaunchError, match=r"qwq-32b needs 10 GPUs \(5 replicas x tensor 2 x pipeline 1\); the "
+                                          r"cluster has 8 on 2 node\(s\).* or pass --replicas 4$"):
+        check(qwq, "a", nodes, replicas=5)
+
+
+def test_a_head_started_on_some_gpus_hands_out_only_those(short_tmp: str) -> None:
+    """serve --gpus on a Ray profile starts its head with those GPUs: Ray's workers see their ids."""
+    import ray
+
+    from deploy.ray import cluster as ray_cluster
+
+    port = free_port()
+    _, started = ray_cluster.start_head(ray_cluster.HeadOptions(port=port, num_gpus=2, gpu_ids=(5, 7),
+                                                                temp_dir=short_tmp))
+    try:
+        assert started
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        try:
+            seen = ray.get(ray.remote(num_gpus=2)(lambda: os.environ["CUDA_VISIBLE_DEVICES"]).remote(), timeout=120)
+        finally:
+            ray.shutdown()
+    finally:
+        deploy("ray-stop")
+    assert sorted(seen.split(",")) == ["5", "7"]
+    wait_until(lambda: not ray_processes(), 30, "Ray processes to exit")
 
 
 def test_local_model_missing_on_a_node() -> None:
