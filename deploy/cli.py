@@ -7,9 +7,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from pydantic import ValidationError
 
 from deploy import chart
 from deploy.engines.registry import engine_for
@@ -18,10 +15,6 @@ from deploy.loader import known_profiles, load_profile
 from deploy.paths import GENERATED_MODELS_DIR
 from deploy.profile import Profile, Workload
 from deploy.ray import cli as ray_cli
-from deploy.typed_config import describe_errors
-
-if TYPE_CHECKING:
-    from deploy.memory_plan import GpuType
 
 
 def _profiles(args: argparse.Namespace) -> list[Profile]:
@@ -76,6 +69,10 @@ PROFILE_WORKLOAD = object()  # `--workload` without a value: the profile's own (
 
 def workload_arg(text: str) -> Workload:
     """`--workload 2000:1000` -> 2,000 tokens in, 1,000 out per request."""
+    from pydantic import ValidationError
+
+    from deploy.typed_config import describe_errors
+
     given, sep, taken = text.partition(":")
     try:
         if not sep:
@@ -107,7 +104,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     gpu = gpu_types[args.gpu]
     gpus = args.gpus or profile.parallelism.world_size
     if args.workload is not None:
-        return _forecast(args, profile, gpu_types, gpus)
+        return _forecast(args, profile, gpus)
     if args.json or args.ttft_ms is not None or args.tpot_ms is not None:
         raise DeployError("--json, --ttft-ms and --tpot-ms go with the forecast: add --workload IN:OUT (or "
                           "--workload alone for the profile's)")
@@ -116,11 +113,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if result.fits else 1
 
 
-def _forecast(args: argparse.Namespace, profile: Profile, gpu_types: dict[str, GpuType], gpus: int) -> int:
+def _forecast(args: argparse.Namespace, profile: Profile, gpus: int) -> int:
     """The throughput forecast on `gpus` GPUs; exit 1 when no layout meets the SLO."""
-    from deploy.forecast import report
+    from deploy.forecast import aic, report
     from deploy.forecast.choose import Target
-    from deploy.forecast.run import forecast
+    from deploy.forecast.run import finish, prepare
+    from deploy.memory_plan import load_gpu_types
+
+    gpu_types = load_gpu_types()
 
     workload = profile.workload if args.workload is PROFILE_WORKLOAD else args.workload
     if workload is None:
@@ -133,7 +133,11 @@ def _forecast(args: argparse.Namespace, profile: Profile, gpu_types: dict[str, G
         ttft_ms=args.ttft_ms if args.ttft_ms is not None else (slo.ttft_ms if slo else None),
         tpot_ms=args.tpot_ms if args.tpot_ms is not None else (slo.tpot_ms if slo else None),
     )
-    result = forecast(profile, gpu_types[args.gpu], gpus, workload, target, gpu_types, args.overhead_gib)
+    prepared = prepare(profile, gpu_types[args.gpu], gpus, workload, gpu_types, args.overhead_gib)
+    points = sum(len(batches) for _, _, batches in prepared.job.layouts)
+    print(f"modelling {points:,} batch sizes on {len(prepared.layouts)} layout(s) with aiconfigurator "
+          "(~10 ms each)...", file=sys.stderr, flush=True)
+    result = finish(prepared, aic.estimate([prepared.job])[0], target, gpu_types)
     if args.json:
         print(json.dumps(report.as_json(result, args.profile, args.set), indent=2))
     else:

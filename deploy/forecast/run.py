@@ -1,17 +1,16 @@
 """`plan --workload`: a profile's throughput on N GPUs of one type, for every layout, as
 aiconfigurator models it; and the layout and max_num_seqs to serve.
 
-The layouts and their KV-bound batches come from the memory plan (deploy/forecast/layouts.py);
-aiconfigurator estimates every batch up to that bound in one probe call (deploy/forecast/aic.py);
-deploy/forecast/choose.py picks the batch within the SLO and the layout. What aiconfigurator
-needs from the profile is asked of its engine (`aiconfigurator_backend`), never its name.
+`prepare` finds the layouts and their KV-bound batches (the memory plan's, deploy/forecast/
+layouts.py) and builds the one job that asks aiconfigurator for every batch up to that bound
+(deploy/forecast/aic.py); `finish` turns its answer into the forecast, with the batch within the
+SLO and the layout that deploy/forecast/choose.py picks. What aiconfigurator needs from the
+profile is asked of its engine (`aiconfigurator_backend`), never its name.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from deploy.engines.base import config_dir
 from deploy.engines.registry import engine_for
@@ -146,13 +145,3 @@ def finish(prepared: Prepared, answer: aic.Answer, target: Target, gpu_types: di
         excluded=sorted(excluded, key=lambda e: (e.tensor, e.pipeline)), recommended=recommend(rows),
         notes=[*_notes(profile), *answer.notes],
     )
-
-
-def forecast(profile: Profile, gpu: GpuType, gpus: int, workload: Workload, target: Target,
-             gpu_types: dict[str, GpuType], overhead_gib: float = 2.0,
-             python: Path = aic.FORECAST_PYTHON) -> Forecast:
-    prepared = prepare(profile, gpu, gpus, workload, gpu_types, overhead_gib)
-    count = sum(len(b) for _, _, b in prepared.job.layouts)
-    print(f"modelling {count:,} batch sizes on {len(prepared.layouts)} layout(s) with aiconfigurator "
-          "(~10 ms each)...", file=sys.stderr, flush=True)
-    return finish(prepared, aic.estimate([prepared.job], python)[0], target, gpu_types)
