@@ -21,6 +21,7 @@ NUM_GPUS ?=
 # serve/serve-vllm: which GPUs (ids, GPUS=0,1,2,3); plan: how many (a count, GPUS=2).
 GPUS ?=
 REPLICAS ?=
+WORKLOAD ?=
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
@@ -76,6 +77,24 @@ $(SGLANG_STAMP): $(SGLANG_REQUIREMENTS)
 	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps "$(SGLANG_PIN)"
 	touch $@
 
+# aiconfigurator, for `plan --workload`'s throughput forecast (deploy/forecast/probe.py runs in it):
+# the whole freeze pinned, so its pandas/pyarrow stack stays out of .venv and its figures stay put.
+FORECAST_REQUIREMENTS := deploy/forecast-requirements.txt
+FORECAST_VENV ?= .cache/forecast-venv
+FORECAST_STAMP := $(FORECAST_VENV)/.installed
+
+.PHONY: forecast-venv
+forecast-venv: $(FORECAST_STAMP) ## Create .cache/forecast-venv: aiconfigurator 0.12.0 (Linux x86-64 only), for plan's throughput forecast
+
+$(FORECAST_STAMP): $(FORECAST_REQUIREMENTS)
+	@test "$$(uname -sm)" = "Linux x86_64" || { echo "error: aiconfigurator's core wheel exists for Linux x86-64 only (this is $$(uname -sm)): the throughput forecast cannot run here; plan without --workload still works"; exit 2; }
+	@echo ">> installing $(FORECAST_REQUIREMENTS) into $(FORECAST_VENV)"
+	test -x $(FORECAST_VENV)/bin/python || $(PYTHON) -m venv $(FORECAST_VENV)
+	$(FORECAST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FORECAST_VENV)/bin/python -m pip install -q --only-binary=:all: -r $(FORECAST_REQUIREMENTS)
+	$(FORECAST_VENV)/bin/python -m pip check
+	touch $@
+
 .PHONY: tiny-model
 tiny-model: $(TINY_MODEL) ## Generate the tiny CPU Qwen3 model into .cache/models (no download)
 
@@ -123,8 +142,12 @@ check: install tiny-model tiny-lora sglang-venv ## Validate every profile with i
 	$(PY) -m deploy check --all
 
 .PHONY: plan
-plan: install ## GPU memory plan for MODEL on GPUS x GPU (e.g. GPU=h100-80gb GPUS=2)
-	$(PY) -m deploy plan $(MODEL) --gpu $(GPU) $(if $(GPUS),--gpus $(GPUS))
+plan: install $(if $(WORKLOAD),$(FORECAST_STAMP)) ## GPU memory plan for MODEL on GPUS x GPU (e.g. GPU=h100-80gb GPUS=2); WORKLOAD=IN:OUT adds the throughput forecast
+	$(PY) -m deploy plan $(MODEL) --gpu $(GPU) $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKLOAD),--workload $(WORKLOAD))
+
+.PHONY: forecast
+forecast: install $(FORECAST_STAMP) ## Throughput forecast for MODEL on GPUS x GPU at its workload and SLO, every layout (WORKLOAD=IN:OUT overrides; modelled by aiconfigurator)
+	$(PY) -m deploy plan $(MODEL) --gpu $(GPU) $(if $(GPUS),--gpus $(GPUS)) --workload $(WORKLOAD)
 
 ##@ Ray (multi-GPU / multi-node)
 
@@ -154,8 +177,9 @@ VLLM_PORT = $(or $(PORT),$(shell $(PY) -c "from deploy.loader import load_profil
 BENCH := $(PY) -m benchmarks run --base-url http://127.0.0.1:$(PROXY_PORT) --model $(MODEL) \
 	--metrics-url http://127.0.0.1:$(PROXY_PORT)/metrics --metrics-url http://127.0.0.1:$(VLLM_PORT)/metrics
 
+# On a GPU box the results are printed beside the forecast (aiconfigurator, in the forecast venv).
 .PHONY: bench
-bench: install ## Load-test the running `make serve` stack: table, results/*.json, plots (BENCH_ARGS=...)
+bench: install $(if $(HAS_GPU),$(FORECAST_STAMP)) ## Load-test the running `make serve` stack: table beside the forecast on a GPU box, results/*.json, plots (BENCH_ARGS=...)
 	$(BENCH) $(BENCH_ARGS)
 
 .PHONY: bench-sweep
@@ -179,7 +203,7 @@ bench-routing: install tiny-model ## Routing across replicas: one vLLM vs two be
 ##@ Test
 
 .PHONY: test
-test: install tiny-model tiny-lora sglang-venv helm prometheus ## Run every test: unit, vLLM and SGLang validation, end-to-end (what CI runs)
+test: install tiny-model tiny-lora sglang-venv forecast-venv helm prometheus ## Run every test: unit, vLLM and SGLang validation, end-to-end (what CI runs)
 	@echo ">> running all tests"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -199,7 +223,7 @@ $(LINT_STAMP): pyproject.toml $(STAMP)
 	touch $@
 
 .PHONY: test-unit
-test-unit: install sglang-venv ## Fast inner loop: tests that start no server
+test-unit: install sglang-venv forecast-venv ## Fast inner loop: tests that start no server
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 ##@ Kubernetes

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from benchmarks import forecast_compare, report
 from benchmarks.conversations import SHAPES
 from benchmarks.loadgen import Pattern
 from benchmarks.records import RequestRecord
@@ -169,6 +169,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--no-plots", dest="plots", action="store_false")
     out.add_argument("--no-progress", dest="progress", action="store_false")
 
+    beside = p.add_argument_group("beside the forecast (closed-loop runs of fixed lengths, on a GPU box)")
+    beside.add_argument("--forecast-gpu", metavar="TYPE",
+                        help="the server's GPU type from configs/gpus.yaml (default: what nvidia-smi names here; "
+                             "none: the comparison is skipped)")
+    beside.add_argument("--replicas", type=positive_int,
+                        help="replicas serving the model (default: the proxy's healthy backends for it, else 1)")
+
 
 def patterns(args: argparse.Namespace) -> list[Pattern]:
     chosen = [name for name in ("concurrency", "rate", "sweep_rates", "sweep_concurrency")
@@ -237,8 +244,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     result = runner.run(config, Progress if args.progress else None)
+    result["forecast_comparison"] = beside_forecast(result, config, args)
     path = report.write(result, args.results_dir)
     print(report.table(result))
+    print(forecast_compare.table(result["forecast_comparison"]))
     print(f"\nresults: {path}")
     if args.plots:
         from benchmarks import plots
@@ -246,6 +255,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         for plot in plots.write_all(result, path.with_suffix("")):
             print(f"plot:    {plot}")
     return 1 if all(run["completed"] == 0 for run in result["runs"]) else 0
+
+
+def beside_forecast(result: dict[str, Any], config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's figures beside the forecast for its profile, workload and layout (or why not)."""
+    from deploy.loader import load_profile
+
+    profile = load_profile(result["profile"]) if result["profile"] else None
+    names = frozenset({result["served_model"], *((profile.served_model_name, *profile.alias_names) if profile else ())})
+    return forecast_compare.for_run(result, profile, config.base_url, names, args.forecast_gpu, args.replicas)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from deploy.host import GpuId, gpu_id
 from deploy.layout import DEFAULT_PROXY_PORT
 from deploy.loader import known_profiles, load_profile
 from deploy.paths import GENERATED_MODELS_DIR
-from deploy.profile import Profile
+from deploy.profile import Profile, Workload
 from deploy.ray import cli as ray_cli
 
 
@@ -66,6 +66,36 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+PROFILE_WORKLOAD = object()  # `--workload` without a value: the profile's own (not a str: argparse would parse it)
+
+
+def workload_arg(text: str) -> Workload:
+    """`--workload 2000:1000` -> 2,000 tokens in, 1,000 out per request."""
+    from pydantic import ValidationError
+
+    from deploy.typed_config import describe_errors
+
+    given, sep, taken = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return Workload(input=int(given), output=int(taken))
+    except ValueError as exc:
+        detail = f" ({describe_errors(exc)})" if isinstance(exc, ValidationError) else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected IN:OUT tokens per request, IN >= 1 and OUT >= 2, e.g. 2000:1000{detail}") from None
+
+
+def milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 ms, got {text}")
+    return value
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from deploy.memory_plan import format_plan, load_gpu_types, plan_memory, smallest_fit
 
@@ -75,9 +105,46 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.set)
     gpu = gpu_types[args.gpu]
     gpus = args.gpus or profile.parallelism.world_size
+    if args.workload is not None:
+        return _forecast(args, profile, gpus)
+    if args.json or args.ttft_ms is not None or args.tpot_ms is not None:
+        raise DeployError("--json, --ttft-ms and --tpot-ms go with the forecast: add --workload IN:OUT (or "
+                          "--workload alone for the profile's)")
     result = plan_memory(profile, gpu, gpus, overhead_gib=args.overhead_gib)
     print(format_plan(result, None if result.kv_fits else smallest_fit(profile, gpu)))
     return 0 if result.fits else 1
+
+
+def _forecast(args: argparse.Namespace, profile: Profile, gpus: int) -> int:
+    """The throughput forecast on `gpus` GPUs; exit 1 when no layout meets the SLO."""
+    from deploy.forecast import aic, report
+    from deploy.forecast.choose import Target
+    from deploy.forecast.run import finish, prepare
+    from deploy.memory_plan import load_gpu_types
+
+    gpu_types = load_gpu_types()
+
+    workload = profile.workload if args.workload is PROFILE_WORKLOAD else args.workload
+    if workload is None:
+        raise DeployError(f"{profile.name} declares no workload: give --workload IN:OUT, e.g. --workload 2000:1000")
+    if workload.tokens > profile.max_model_len:
+        raise DeployError(f"--workload {workload.input}:{workload.output}: {workload.tokens:,} tokens exceed "
+                          f"{profile.name}'s max_model_len {profile.max_model_len:,}, which the engine refuses")
+    slo = profile.slo
+    target = Target(
+        ttft_ms=args.ttft_ms if args.ttft_ms is not None else (slo.ttft_ms if slo else None),
+        tpot_ms=args.tpot_ms if args.tpot_ms is not None else (slo.tpot_ms if slo else None),
+    )
+    prepared = prepare(profile, gpu_types[args.gpu], gpus, workload, gpu_types, args.overhead_gib)
+    points = sum(len(batches) for _, _, batches in prepared.job.layouts)
+    print(f"modelling {points:,} batch sizes on {len(prepared.layouts)} layout(s) with aiconfigurator "
+          "(~10 ms each)...", file=sys.stderr, flush=True)
+    result = finish(prepared, aic.estimate([prepared.job])[0], target, gpu_types)
+    if args.json:
+        print(json.dumps(report.as_json(result, args.profile, args.set), indent=2))
+    else:
+        print(report.as_text(result, args.profile, args.set))
+    return 0 if result.recommended is not None else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -177,11 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the effective values as JSON")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("plan", help="GPU memory plan: weights, KV cache, what fits")
+    p = sub.add_parser("plan", help="GPU memory plan: weights, KV cache, what fits; with --workload, the "
+                                    "throughput forecast of every layout (modelled by aiconfigurator)")
     with_profile(p, allow_all=False)
     p.add_argument("--gpu", required=True, help="GPU type from configs/gpus.yaml, e.g. h100-80gb")
-    p.add_argument("--gpus", type=int, help="GPU count (default: the profile's tensor x pipeline)")
+    p.add_argument("--gpus", type=int, help="GPU count (default: the profile's tensor x pipeline); the memory "
+                                           "plan splits the model over them, the forecast fills them with replicas")
     p.add_argument("--overhead-gib", type=float, default=2.0, help="per-GPU activations/CUDA graphs allowance")
+    forecast = p.add_argument_group("throughput forecast (runs aiconfigurator in .cache/forecast-venv)")
+    forecast.add_argument("--workload", nargs="?", const=PROFILE_WORKLOAD, type=workload_arg, metavar="IN:OUT",
+                          help="tokens in and out per request, e.g. 2000:1000; alone: the profile's workload")
+    forecast.add_argument("--ttft-ms", type=milliseconds, help="SLO: time to first token (default: the profile's slo)")
+    forecast.add_argument("--tpot-ms", type=milliseconds, help="SLO: time per output token (default: the profile's slo)")
+    forecast.add_argument("--json", action="store_true", help="print the forecast as JSON")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("serve", help="validate and start vLLM for a profile: replicas over the GPUs, the proxy in front")

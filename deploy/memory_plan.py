@@ -36,11 +36,23 @@ DEFAULT_OVERHEAD_GIB = 2.0
 class GpuType:
     name: str
     memory_gib: float
+    aiconfigurator: str | None = None  # the system whose data the forecast uses; None: no data
+    nvidia_smi: str | None = None  # a regular expression matching the name nvidia-smi prints
+
+
+GPU_KEYS = {"memory_gib", "aiconfigurator", "nvidia_smi", "note"}
 
 
 def load_gpu_types(path: Path = CONFIGS_DIR / "gpus.yaml") -> dict[str, GpuType]:
     data = yaml.safe_load(path.read_text())
-    return {name: GpuType(name, float(spec["memory_gib"])) for name, spec in data.items()}
+    types = {}
+    for name, spec in data.items():
+        unknown = sorted(set(spec) - GPU_KEYS)
+        if unknown or "memory_gib" not in spec:
+            problem = f"unknown key(s) {', '.join(unknown)}" if unknown else "no memory_gib"
+            raise DeployError(f"{path}: {name}: {problem} (keys: {', '.join(sorted(GPU_KEYS))})")
+        types[name] = GpuType(name, float(spec["memory_gib"]), spec.get("aiconfigurator"), spec.get("nvidia_smi"))
+    return types
 
 
 @dataclass(frozen=True)
@@ -59,12 +71,16 @@ class ModelShape:
     qk_norm: bool
     dtype: str
     quant_method: str | None
+    # Block-wise quantization's [n, k] block (FP8 checkpoints' weight_block_size), or None.
+    weight_block: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
-        quant = (config.get("quantization_config") or {}).get("quant_method")
+        quantization = config.get("quantization_config") or {}
+        quant = quantization.get("quant_method")
+        block = quantization.get("weight_block_size")
         model_type = config.get("model_type", "")
         return cls(
             layers=int(config["num_hidden_layers"]),
@@ -79,6 +95,7 @@ class ModelShape:
             qk_norm=model_type == "qwen3",
             dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
             quant_method=quant,
+            weight_block=(int(block[0]), int(block[1])) if block else None,
         )
 
     def linear_params(self) -> int:

@@ -166,6 +166,24 @@ class Lora(Strict):
         return self
 
 
+class Workload(Strict):
+    """The traffic a profile is sized for: what `plan --workload` forecasts and max_num_seqs assumes."""
+
+    input: int = Field(ge=1, description="Prompt tokens per request, chat template included.")
+    output: int = Field(ge=2, description="Generated tokens per request, reasoning included.")
+
+    @property
+    def tokens(self) -> int:
+        return self.input + self.output
+
+
+class Slo(Strict):
+    """The latency each request should see at the profile's max_num_seqs (the forecast's target)."""
+
+    ttft_ms: float = Field(gt=0, description="Time to first token, milliseconds.")
+    tpot_ms: float = Field(gt=0, description="Time per output token after the first, milliseconds.")
+
+
 class Profile(Strict):
     """One deployable model: the single source of truth for engine args and serving defaults."""
 
@@ -215,6 +233,12 @@ class Profile(Strict):
     )
     sampling: Sampling = Field(default_factory=Sampling)
     lora: Lora | None = Field(default=None, description="LoRA adapters served on this model (none: LoRA off).")
+    workload: Workload | None = Field(
+        default=None, description="Tokens in and out per request that `plan --workload` forecasts by default."
+    )
+    slo: Slo | None = Field(
+        default=None, description="TTFT and TPOT targets the forecast picks max_num_seqs for; needs workload."
+    )
 
     @field_validator("engine_args")
     @classmethod
@@ -259,6 +283,13 @@ class Profile(Strict):
                     "an alias: clients could not tell the adapter from the base model; rename the adapter"
                 )
         self._defaults_fit_context()
+        if self.workload is not None and self.workload.tokens > self.max_model_len:
+            raise ValueError(
+                f"workload: {self.workload.input} + {self.workload.output} tokens exceed max_model_len "
+                f"{self.max_model_len}: the engine would refuse such requests; shorten the workload"
+            )
+        if self.slo is not None and self.workload is None:
+            raise ValueError("slo: a latency target needs the workload it is for: add workload: {input, output}")
         return self
 
     def _defaults_fit_context(self) -> None:

@@ -133,6 +133,8 @@ class Engine(ABC):
     # of that budget (vLLM) or on top of it (SGLang's --mem-fraction-static: weights + KV only).
     budget_flag: ClassVar[str]
     budget_holds_activations: ClassVar[bool]
+    # The engine's name in aiconfigurator (`backend_name`), whose data `plan --workload` forecasts with.
+    aiconfigurator_backend: ClassVar[str]
     # Environment that keeps the engine's own INFO logs out of check's output. The CLI sets it,
     # not the check: servers a test session starts later must log as usual.
     check_log_env: ClassVar[Mapping[str, str]] = {}
@@ -159,6 +161,10 @@ class Engine(ABC):
     def serve_refusal(self, profile: Profile) -> str | None:
         """Why `deploy serve` cannot start this engine here, or None when it can."""
         return None
+
+    @abstractmethod
+    def version(self) -> str | None:
+        """The engine version this kit runs (None when it cannot be told here)."""
 
     def lora_slots(self, max_loras: int) -> int:
         """Adapter slots the engine allocates on each GPU for lora.max_loras."""

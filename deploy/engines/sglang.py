@@ -102,6 +102,7 @@ class Sglang(Engine):
     }
     budget_flag = "--mem-fraction-static"
     budget_holds_activations = False
+    aiconfigurator_backend = "sglang"
     # SGLang 0.5.23's names for what the benchmarks report (srt/observability/metrics_collector.py;
     # --enable-metrics, which every SGLang profile renders). Its cache counts cached prompt tokens.
     metrics = EngineMetrics(
@@ -145,6 +146,10 @@ class Sglang(Engine):
         for name in sorted(key for key in p.env if key.startswith("VLLM_")):
             out.append(f"env.{name}: a vLLM variable, SGLang ignores it: remove it (SGLang reads SGLANG_* variables)")
         return out
+
+    def version(self) -> str:
+        """The pinned SGLang (deploy/sglang-requirements.txt): it is not installed in this venv."""
+        return sglang_check.pinned_version()
 
     def serve_refusal(self, profile: Profile) -> str:
         """The launcher starts vLLM only: SGLang needs an NVIDIA GPU and its own CUDA install (the

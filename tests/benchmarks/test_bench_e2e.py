@@ -52,6 +52,10 @@ def test_run_prints_a_table_and_writes_json_and_plots(proxied_run: Any) -> None:
     pngs = sorted(out_dir.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "progress" not in result["config"] and result["config"]["api_key"] is None
+    # No GPU here: the comparison with the forecast says so and is the only thing skipped.
+    skipped = "no NVIDIA GPU on this machine (--forecast-gpu TYPE names the server's when the client runs elsewhere)"
+    assert result["forecast_comparison"] == {"skipped": skipped}
+    assert f"forecast comparison skipped: {skipped}" in done.stdout
 
 
 def test_token_counts_agree_with_the_server(proxied_run: Any) -> None:

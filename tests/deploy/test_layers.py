@@ -26,11 +26,13 @@ LAYERS: list[tuple[str, set[str]]] = [
         "deploy.engines.base", "deploy.engines.vllm_check", "deploy.engines.vllm", "deploy.engines.sglang_check",
         "deploy.engines.sglang", "deploy.engines.sglang_probe", "deploy.engines.registry"}),
     ("loader, render, plan, launch", {
-        "deploy.loader", "deploy.render", "deploy.memory_plan", "deploy.layout", "deploy.launch"}),
+        "deploy.loader", "deploy.render", "deploy.memory_plan", "deploy.layout", "deploy.launch",
+        "deploy.forecast.layouts", "deploy.forecast.aic", "deploy.forecast.probe", "deploy.forecast.choose",
+        "deploy.forecast.run", "deploy.forecast.report"}),
     ("chart generator", {"deploy.chart"}),
     ("command line", {"deploy.cli", "deploy.ray.cli", "deploy.__main__"}),
 ]
-PACKAGES = {"deploy", "deploy.engines", "deploy.ray", "deploy.tiny"}
+PACKAGES = {"deploy", "deploy.engines", "deploy.ray", "deploy.tiny", "deploy.forecast"}
 
 
 def module_name(path: Path, root: Path) -> str:

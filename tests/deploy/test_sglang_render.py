@@ -40,7 +40,7 @@ def test_server_command_is_sglangs_launch_server() -> None:
     assert value(args, "--context-length") == "262144"
     assert (value(args, "--tp-size"), value(args, "--pp-size")) == ("1", "1")
     assert value(args, "--mem-fraction-static") == "0.85"
-    assert value(args, "--max-running-requests") == "128"
+    assert value(args, "--max-running-requests") == "139"  # the profile's max_num_seqs
     assert value(args, "--chunked-prefill-size") == "8192"
     assert value(args, "--tool-call-parser") == "hermes"
     assert "--enable-metrics" in args
