@@ -174,8 +174,10 @@ BENCH_ARGS ?=
 RATES ?= 1,2,4,8,16,32
 # vLLM's own port for MODEL (its /metrics is scraped next to the proxy's); PORT= overrides.
 VLLM_PORT = $(or $(PORT),$(shell $(PY) -c "from deploy.loader import load_profile; print(load_profile('$(MODEL)').port)"))
+# Every replica's port (a running `make serve REPLICAS=N`: each vLLM's /metrics is scraped).
+VLLM_PORTS = $(or $(PORT),$(shell $(PY) -m deploy status --ports $(MODEL)))
 BENCH := $(PY) -m benchmarks run --base-url http://127.0.0.1:$(PROXY_PORT) --model $(MODEL) \
-	--metrics-url http://127.0.0.1:$(PROXY_PORT)/metrics --metrics-url http://127.0.0.1:$(VLLM_PORT)/metrics
+	--metrics-url http://127.0.0.1:$(PROXY_PORT)/metrics $(foreach p,$(VLLM_PORTS),--metrics-url http://127.0.0.1:$(p)/metrics)
 
 # On a GPU box the results are printed beside the forecast (aiconfigurator, in the forecast venv).
 .PHONY: bench
@@ -290,10 +292,10 @@ alert-rules: install helm ## Regenerate k8s/observability/alerts.rules.yaml from
 	$(PY) k8s/observability/render_rules.py --helm $(HELM)
 
 .PHONY: observe
-observe: install prometheus ## Prometheus scraping the running `make serve` stack (PROXY_PORT, MODEL's port), on PROMETHEUS_PORT
+observe: install prometheus ## Prometheus scraping the running `make serve` stack (PROXY_PORT, every replica of MODEL), on PROMETHEUS_PORT
 	mkdir -p $(OBSERVE_DIR)/data
 	$(PY) k8s/observability/prometheus_config.py --proxy 127.0.0.1:$(PROXY_PORT) \
-	  $(if $(PORT),--vllm 127.0.0.1:$(PORT),--model $(MODEL)) -o $(OBSERVE_DIR)/prometheus.yml
+	  $(foreach p,$(VLLM_PORTS),--vllm 127.0.0.1:$(p)) -o $(OBSERVE_DIR)/prometheus.yml
 	@echo ">> Prometheus: http://127.0.0.1:$(PROMETHEUS_PORT)  (targets: /classic/targets, alerts: /classic/alerts; Ctrl-C stops)"
 	@echo ">> Grafana: import k8s/qwen-serve/files/grafana-dashboard.json with this Prometheus as the data source"
 	exec $(PROMETHEUS) --config.file=$(OBSERVE_DIR)/prometheus.yml --storage.tsdb.path=$(OBSERVE_DIR)/data \

@@ -170,6 +170,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from deploy import run_state
 
     found = run_state.read_all()
+    if args.ports:
+        # Where a running serve of that profile put its replicas; else the profile's own port (a
+        # vLLM started some other way). For `make bench` and `make observe`, which scrape each one.
+        ports = run_state.replica_ports(args.ports, found) or [load_profile(args.ports).port]
+        print(" ".join(map(str, ports)))
+        return 0
     if args.json:
         print(run_state.dumps(found))
         return 0
@@ -284,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what serve runs here (replicas: GPUs, port, pid, health) and the Ray cluster")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or this node's)")
     p.add_argument("--json", action="store_true", help="what serve runs here, as JSON (no Ray view)")
+    p.add_argument("--ports", metavar="PROFILE", help="only the engine ports of PROFILE's replicas, space-separated "
+                   "(a running serve's; else the profile's port)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("tiny-model", help="generate the tiny CPU model (no download)")

@@ -104,6 +104,12 @@ def read_all(run_dir: Path = RUN_DIR) -> list[Found]:
     return found
 
 
+def replica_ports(profile: str, found: list[Found]) -> list[int]:
+    """The engine ports of the replicas a running `serve` of this profile started (none: [])."""
+    return [replica.port for item in found if item.record is not None and not item.stale
+            and item.record.profile == profile for replica in item.record.replicas]
+
+
 def remove_stale(run_dir: Path = RUN_DIR) -> None:
     """Files of launchers that are gone (killed without their cleanup)."""
     for found in read_all(run_dir):

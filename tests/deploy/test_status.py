@@ -76,6 +76,15 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     assert run_state.describe([found]).startswith(f"{tmp_path}/serve-7.json is not a serve state file: ")
 
 
+def test_replica_ports_are_a_running_serves_of_that_profile(tmp_path: Path) -> None:
+    """What `make bench` and `make observe` scrape: every replica of the profile's running serve."""
+    run_state.write(a_record(os.getpid()), tmp_path)
+    run_state.write(a_record(dead_pid()), tmp_path)  # a launcher that is gone: its ports are not served
+    found = run_state.read_all(tmp_path)
+    assert run_state.replica_ports("qwen3-4b-instruct-fp8", found) == [9100, 9101]
+    assert run_state.replica_ports("qwq-32b", found) == []
+
+
 def test_status_command_shows_this_launcher() -> None:
     """Through the CLI, from the real run directory (a record of this test process, removed after)."""
     path = run_state.write(a_record(os.getpid()))
@@ -84,9 +93,13 @@ def test_status_command_shows_this_launcher() -> None:
                               text=True, timeout=120, check=True).stdout
         as_json = subprocess.run([sys.executable, "-m", "deploy", "status", "--json"], cwd=REPO_ROOT,
                                  capture_output=True, text=True, timeout=120, check=True).stdout
+        ports = [subprocess.run([sys.executable, "-m", "deploy", "status", "--ports", profile], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=120, check=True).stdout
+                 for profile in ("qwen3-4b-instruct-fp8", "qwq-32b")]
     finally:
         path.unlink()
     assert f"qwen3-4b-instruct-fp8: 2 replica(s), launcher pid {os.getpid()}" in text
     assert "Ray: no cluster on this node" in text or "Ray cluster " in text
     mine = [d for d in json.loads(as_json) if d.get("launcher_pid") == os.getpid()]
     assert [r["port"] for r in mine[0]["replicas"]] == [9100, 9101]
+    assert ports == ["9100 9101\n", f"{load_profile('qwq-32b').port}\n"]  # none running: the profile's port
