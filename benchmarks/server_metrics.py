@@ -19,40 +19,21 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-# Counter deltas over the run (vLLM 0.32 names; counters are exposed with a _total suffix).
-VLLM_COUNTERS = {
-    "vllm:prompt_tokens_total": "prompt_tokens",
-    "vllm:generation_tokens_total": "generation_tokens",
-    "vllm:num_preemptions_total": "preemptions",
-    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
-    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
-    "vllm:request_success_total": "requests_finished",
-}
-# SGLang 0.5.23's names for the same (srt/observability/metrics_collector.py; --enable-metrics, which
-# every SGLang profile renders). Its cache counts cached prompt tokens: hits over prompt tokens.
-SGLANG_COUNTERS = {
-    "sglang:prompt_tokens_total": "prompt_tokens",
-    "sglang:generation_tokens_total": "generation_tokens",
-    "sglang:num_retracted_requests_total": "preemptions",
-    "sglang:cached_tokens_total": "prefix_cache_hits",
-    "sglang:num_requests_total": "requests_finished",
-}
-ENGINE_COUNTERS = {"vllm": VLLM_COUNTERS, "sglang": SGLANG_COUNTERS}
+from deploy.engines.registry import ENGINES
+
+# Counter deltas over the run, per engine: each engine's own names (deploy/engines/), so a run
+# against vLLM or SGLang reads what that engine exposes.
+ENGINE_COUNTERS = {name: dict(engine.metrics.counters) for name, engine in ENGINES.items()}
 PROXY_COUNTERS = {
     "qwen_proxy_prompt_tokens_total": "prompt_tokens",
     "qwen_proxy_completion_tokens_total": "completion_tokens",
     "qwen_proxy_reasoning_tokens_total": "reasoning_tokens",
     "qwen_proxy_requests_total": "requests",
 }
-# Gauges whose peak during the run matters.
+# Gauges whose peak during the run matters: the engines' and the proxy's.
 PEAK_GAUGES = {
-    "vllm:kv_cache_usage_perc": "peak_kv_cache_usage",
-    "vllm:num_requests_running": "peak_requests_running",
-    "vllm:num_requests_waiting": "peak_requests_waiting",
+    **{name: key for engine in ENGINES.values() for name, key in engine.metrics.peak_gauges.items()},
     "qwen_proxy_requests_in_flight": "peak_proxy_in_flight",
-    "sglang:token_usage": "peak_kv_cache_usage",
-    "sglang:num_running_reqs": "peak_requests_running",
-    "sglang:num_queue_reqs": "peak_requests_waiting",
 }
 MODEL_LABELS = ("model_name", "model")
 # The proxy's routing decisions are kept per reason (name:reason), not summed.
@@ -114,7 +95,7 @@ class Scraper:
         """Scrape until the counters stop moving: servers count a request just after its last
         byte, so a scrape right at the edge of a run would split requests across it."""
         deadline = asyncio.get_running_loop().time() + settle_s
-        counters = (*VLLM_COUNTERS, *SGLANG_COUNTERS, *PROXY_COUNTERS)
+        counters = (*(name for table in ENGINE_COUNTERS.values() for name in table), *PROXY_COUNTERS)
         previous = await self._get(session)
         while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)  # polling the server's counters, bounded by settle_s

@@ -10,9 +10,6 @@ values returned are the ones SGLang computed, not ours.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from deploy.engines.base import config_theta
 from deploy.errors import CheckError
 from deploy.paths import CACHE_DIR, REPO_ROOT, shown
 from deploy.profile import Profile
+from deploy.venv_probe import run_json
 
 REQUIREMENTS = REPO_ROOT / "deploy" / "sglang-requirements.txt"
 SGLANG_PYTHON = CACHE_DIR / "sglang-venv" / "bin" / "python"
@@ -43,20 +41,8 @@ def run_probe(argv: list[str], env: dict[str, str] | None = None, python: Path =
             f"the SGLang validation venv is missing (no {shown(python)}): run `make sglang-venv` (SGLang "
             f"{pinned_version()} and what its parser imports, ~6 GB, ~4 min) and check again"
         )
-    try:
-        result = subprocess.run([str(python), str(PROBE), *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=PROBE_TIMEOUT_S, env={**os.environ, **(env or {})}, check=False)
-    except subprocess.TimeoutExpired:
-        raise CheckError(f"the SGLang probe did not answer within {PROBE_TIMEOUT_S:.0f} s") from None
-    try:
-        data = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-        raise CheckError(f"the SGLang probe failed (exit {result.returncode}) without an answer: {tail}; "
-                         "rebuild its venv with `make sglang-venv`") from None
-    if not isinstance(data, dict):
-        raise CheckError(f"the SGLang probe answered {type(data).__name__}, not an object")
-    return data
+    return run_json(python, PROBE, what="the SGLang probe", rebuild="make sglang-venv", error=CheckError,
+                    timeout=PROBE_TIMEOUT_S, argv=argv, env=env)
 
 
 def _refused(profile: Profile, data: dict[str, Any]) -> CheckError:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deploy.errors import DeployError
 from deploy.paths import CACHE_DIR, REPO_ROOT, shown
+from deploy.venv_probe import run_json
 
 REQUIREMENTS = REPO_ROOT / "deploy" / "forecast-requirements.txt"
 FORECAST_PYTHON = CACHE_DIR / "forecast-venv" / "bin" / "python"
@@ -164,20 +163,11 @@ def run_probe(jobs: list[dict[str, Any]], python: Path = FORECAST_PYTHON) -> lis
         raise DeployError(missing_venv(python))
     venv = python.parent.parent
     # matplotlib (imported by aiconfigurator.cli.api) writes its font cache here, not under $HOME.
-    env = {**os.environ, "MPLBACKEND": "Agg", "MPLCONFIGDIR": str(venv / "matplotlib")}
-    try:
-        result = subprocess.run([str(python), str(PROBE)], input=json.dumps({"jobs": jobs}), cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"aiconfigurator did not answer within {PROBE_TIMEOUT_S:.0f} s") from None
-    try:
-        data = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-        raise DeployError(f"the forecast probe failed (exit {result.returncode}) without an answer: {tail}; "
-                          "rebuild its venv with `make forecast-venv`") from None
-    if not isinstance(data, dict) or not data.get("ok"):
-        error = data.get("error", {}) if isinstance(data, dict) else {}
+    env = {"MPLBACKEND": "Agg", "MPLCONFIGDIR": str(venv / "matplotlib")}
+    data = run_json(python, PROBE, what="the forecast probe", rebuild="make forecast-venv", error=DeployError,
+                    timeout=PROBE_TIMEOUT_S, stdin=json.dumps({"jobs": jobs}), env=env)
+    if not data.get("ok"):
+        error = data.get("error") or {}
         raise DeployError(f"the forecast probe refused the request: {error.get('message', data)}")
     version = str(data.get("aiconfigurator"))
     if version != pinned_version():

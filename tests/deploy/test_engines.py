@@ -37,12 +37,18 @@ def test_the_server_command_and_the_chart_run_the_engines_server_module(engine: 
     assert chart_block(loaded)["serverModule"] == ENGINES[engine].server_module
 
 
-def test_the_benchmarks_read_the_engines_metric_names() -> None:
-    assert server_metrics.ENGINE_COUNTERS == {name: dict(e.metrics.counters) for name, e in ENGINES.items()}
-    for engine in ENGINES.values():
-        assert dict(engine.metrics.peak_gauges).items() <= server_metrics.PEAK_GAUGES.items()
-        assert engine.metrics.requests_finished in engine.metrics.counters
+def test_every_engines_metrics_fill_the_same_benchmark_report() -> None:
+    """The benchmark report compares engines key by key: each engine's names must map onto the
+    same report keys (a new engine that forgot one, or named it otherwise, leaves a hole)."""
+    needed = {"prompt_tokens", "generation_tokens", "preemptions", "prefix_cache_hits", "requests_finished"}
+    peaks = {"peak_kv_cache_usage", "peak_requests_running", "peak_requests_waiting"}
+    for name, engine in ENGINES.items():
+        assert needed <= set(engine.metrics.counters.values()), name
+        assert set(engine.metrics.peak_gauges.values()) == peaks, name
         assert engine.metrics.counters[engine.metrics.requests_finished] == "requests_finished"
+        assert engine.metrics.requests_waiting in engine.metrics.peak_gauges
+        for gauge, key in engine.metrics.peak_gauges.items():
+            assert server_metrics.PEAK_GAUGES[gauge] == key
 
 
 def test_the_charts_autoscaling_queries_each_engines_queue() -> None:

@@ -17,7 +17,8 @@ DEPLOY = REPO_ROOT / "deploy"
 # Bottom to top. A module imports only modules of its own layer or below; a new module must be
 # placed here (the test fails until it is), which is the moment to decide where it belongs.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"deploy.errors", "deploy.paths", "deploy.typed_config", "deploy.host", "deploy.health"}),
+    ("foundation", {"deploy.errors", "deploy.paths", "deploy.typed_config", "deploy.host", "deploy.health",
+                    "deploy.venv_probe"}),
     ("typed profile, and tools that need no profile", {
         "deploy.profile", "deploy.child", "deploy.supervise", "deploy.run_state", "deploy.tiny.model", "deploy.tiny.lora",
         "deploy.ray.cluster"}),
