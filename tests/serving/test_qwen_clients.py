@@ -21,9 +21,10 @@ HUB_ID = "Qwen/QwQ-32B"
 
 def hub_profile(tmp_path: Path) -> Path:
     """QwQ-32B's profile, served here by the tiny model: the same hub id and sampling, a small
-    max_tokens default that fits the tiny context."""
+    max_tokens default and a workload that fit the tiny context."""
     data = yaml.safe_load((MODELS_DIR / "qwq-32b.yaml").read_text())
-    data.update(name="qwq-on-tiny", served_model_name="tiny-qwen3", aliases=[], max_model_len=2048)
+    data.update(name="qwq-on-tiny", served_model_name="tiny-qwen3", aliases=[], max_model_len=2048,
+                workload={"input": 1000, "output": 1000})
     data["sampling"]["defaults"]["max_tokens"] = 16
     path = tmp_path / "qwq-on-tiny.yaml"
     path.write_text(yaml.safe_dump(data))
