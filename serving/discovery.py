@@ -71,7 +71,7 @@ def reach_of(url: str, discovered: bool) -> Reach | None:
                  authorization=auth)
 
 
-async def _addresses(url: str, resolver: Resolver) -> list[str] | None:
+async def _addresses(url: str, resolver: Resolver, warn: Callable[[str], None]) -> list[str] | None:
     """The addresses a URL's host has now (sorted), or None when it cannot be resolved."""
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -79,21 +79,23 @@ async def _addresses(url: str, resolver: Resolver) -> list[str] | None:
     try:
         found = await resolver(host, port)
     except OSError as exc:
-        log.warning("cannot resolve %s (%s): %s; keeping its last addresses", host, backend_url(url), exc)
+        warn(f"cannot resolve {host} ({backend_url(url)}): {exc}; keeping its last addresses")
         return None
     return sorted(set(found))
 
 
-async def refresh(upstream: Upstream, model: ModelBackends, resolver: Resolver = resolve) -> None:
+async def refresh(upstream: Upstream, model: ModelBackends, resolver: Resolver = resolve,
+                  warn: Callable[[str], None] = log.warning) -> None:
     """The model's backends from its URLs: resolved again where discovery is on; what is new is
-    health-checked, what is gone dropped."""
+    health-checked, what is gone dropped. `warn` says a name that does not resolve (the loop's is
+    throttled: a name down for an hour is not a line every few seconds)."""
     for url in model.entry.backends:
         host = urlsplit(url).hostname or ""
         if not model.entry.discover or _is_address(host):
             model.resolved[url] = [backend_url(url)]
             reach = reach_of(url, discovered=False)
         else:
-            addresses = await _addresses(url, resolver)
+            addresses = await _addresses(url, resolver, warn)
             if addresses is not None:
                 model.resolved[url] = [backend_url(url, address) for address in addresses]
             reach = reach_of(url, discovered=True)
@@ -118,11 +120,12 @@ async def discovery_loop(upstream: Upstream, models: list[ModelBackends], interv
     named = [m for m in models if m.entry.discover
              and any(not _is_address(urlsplit(u).hostname or "") for u in m.entry.backends)]
     failed = {m.model: ThrottledLog() for m in named}
+    unresolved = {m.model: ThrottledLog() for m in named}
     while named:
         await asyncio.sleep(interval)
         for model in named:
             try:
-                await refresh(upstream, model, resolver)
+                await refresh(upstream, model, resolver, unresolved[model.model].warning)
             except Exception as exc:  # noqa: BLE001 - a failed round must never end the loop; it is said
                 failed[model.model].warning(f"{model.model}: DNS discovery round failed ({type(exc).__name__}: "
                                             f"{exc}); its backends stay as they were, next try in {interval:g} s")

@@ -70,6 +70,17 @@ def tiny_lora_dir(tiny_model_dir: Path) -> Path:
     return generate(GENERATED_MODELS_DIR / "tiny-lora", base=tiny_model_dir)
 
 
+def interrupt(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Ctrl-C for a launcher still running (it stops what it started), then a kill after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextmanager
 def launched_vllm(profile: str, args: list[str], log_dir: Path) -> Iterator[RunningServer]:
     """`python -m deploy serve <profile>` on a free port, until /health answers; SIGINT after."""
@@ -90,13 +101,7 @@ def launched_vllm(profile: str, args: list[str], log_dir: Path) -> Iterator[Runn
             raise RuntimeError(f"the launcher exited with {process.returncode}:\n{server.log_tail()}")
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        interrupt(process, timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from deploy import run_state
 from deploy.host import port_free, usable_cores
 from deploy.layout import split
 from deploy.paths import REPO_ROOT
-from tests.conftest import STARTUP_TIMEOUT, free_port, http_ok, wait_until
+from tests.conftest import STARTUP_TIMEOUT, free_port, http_ok, interrupt, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -94,13 +94,7 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             raise RuntimeError(f"the launcher exited with {process.returncode}:\n{running.log_tail()}")
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        interrupt(process, timeout=120)
 
 
 def test_both_replicas_take_traffic_on_their_own_core(stack: Stack) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from aiohttp.typedefs import Handler
 
 from benchmarks.scripted_upstream import make_app
 from serving.app import ProxyApp
-from serving.discovery import discovery_loop
+from serving.discovery import discovery_loop, refresh
 from serving.upstream import Upstream
 from tests.serving.inprocess import Stack, call
 
@@ -179,3 +180,45 @@ def test_the_discovery_loop_says_what_it_swallows_and_keeps_going(runner: asynci
         runner.run(main())
     failures = [r.getMessage() for r in caplog.records if "DNS discovery round failed" in r.getMessage()]
     assert len(failures) == 1 and "RuntimeError: resolver bug" in failures[0]  # one line per 10 s, not per round
+
+
+def test_a_name_that_stops_resolving_is_said_once_per_interval_and_keeps_its_addresses(
+        runner: asyncio.Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """DNS answering 'no such name' round after round: one warning per interval (not one every
+    dns_refresh_seconds), and the backends found before stay."""
+    class Gone:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.fifth = asyncio.Event()
+
+        async def __call__(self, host: str, port: int) -> list[str]:
+            self.calls += 1
+            if self.calls == 1:
+                return ["127.0.0.2"]
+            if self.calls == 5:
+                self.fifth.set()
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def main() -> list[str]:
+        from serving.config import ProxyConfig
+
+        config = ProxyConfig.model_validate({"models": [{"profile": "tiny-qwen3", "backends": [f"http://{NAME}:1"],
+                                                         "discover": True}]})
+        app = ProxyApp(config)
+        upstream = Upstream()
+        gone = Gone()
+        [model] = app.models
+        try:
+            await refresh(upstream, model, gone)  # the first answer: one address
+            loop = asyncio.create_task(discovery_loop(upstream, app.models, 0.0, gone))
+            await asyncio.wait_for(gone.fifth.wait(), 30)  # a failure bound only
+            loop.cancel()
+            return [backend.url for backend in model.backends]
+        finally:
+            await upstream.close()
+
+    with caplog.at_level(logging.WARNING, logger="serving"):
+        urls = runner.run(main())
+    assert urls == ["http://127.0.0.2:1"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"cannot resolve {NAME}")]
+    assert len(said) == 1 and "keeping its last addresses" in said[0]
