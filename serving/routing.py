@@ -193,9 +193,11 @@ async def health_loop(upstream: Upstream, models: list[ModelBackends], interval:
                       skipped: ThrottledLog, failed: ThrottledLog | None = None) -> None:
     failed = failed or ThrottledLog()
     while True:
+        # Startup probed every backend (discovery's first refresh) before the proxy became ready: a
+        # round at once would only race what the first requests find.
+        await asyncio.sleep(interval)
         try:
             await check_all(upstream, models, skipped)
         except Exception as exc:  # noqa: BLE001 - a failed round must never end the loop, nor pass unseen
             failed.warning("a round of backend health checks failed; every backend keeps its last known state "
                            "until the next round:\n" + "".join(traceback.format_exception(exc)).rstrip())
-        await asyncio.sleep(interval)
