@@ -127,10 +127,8 @@ def compare(result: dict[str, Any], profile: Profile | None, gpu: GpuType | None
         points.append({"label": run["label"], "batch_per_replica": point.batch, "oom": point.oom,
                        "kv_cache_warning": point.kv_cache_warning, "forecast": forecast,
                        "measured": {key: run.get(key) for _, key in COMPARED}})
-    s = answer.source
     return {
-        "source": (f"modelled by aiconfigurator {s.aiconfigurator} with its {s.backend} {s.data_version} data for "
-                   f"{s.system}, not measured"),
+        "source": answer.source.text,
         "gpu": gpu.name, "replicas": replicas, "tensor": par.tensor, "pipeline": par.pipeline,
         "workload": {"input": workload.input, "output": workload.output}, "points": points,
     }

@@ -21,7 +21,6 @@ the one that served alone.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import os
 import random
@@ -31,56 +30,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from benchmarks import loadgen, report
-from benchmarks.client import Endpoint
+from benchmarks import report
 from benchmarks.conversations import SHAPES, Shape
 from benchmarks.loadgen import Pattern
 from benchmarks.processes import Cores, Stack, cpu_list, free_port
+from benchmarks.replicas import proxy_config, start_proxy, start_vllm, warm_up
 from benchmarks.routing_report import POLICIES, SINGLE, row, side_by_side, targets
 from benchmarks.runner import BenchConfig, BenchError
 from benchmarks.runner import run as run_benchmark
+from benchmarks.scale_out import run as scale_out
 from deploy.loader import load_profile
 
 BACKEND_NAMES = ("a", "b")
 
 
-def proxy_config(profile: str, port: int, backends: list[str], policy: str | None) -> dict[str, Any]:
-    """The proxy's config for one setup (configs/proxy.yaml's format)."""
-    model: dict[str, Any] = {"profile": profile, "backends": backends}
-    if policy is not None:
-        model["routing"] = policy
-    return {"listen": {"host": "127.0.0.1", "port": port}, "models": [model]}
-
-
 def start_backends(stack: Stack, profile: str, given: list[str], cores: Cores | None) -> list[str]:
     """Base URLs of two vLLM servers: the given ones, then as many started as are missing."""
     urls = [url.rstrip("/") for url in given]
-    python = sys.executable
     while len(urls) < len(BACKEND_NAMES):
-        port = free_port()
-        index = len(urls)
-        where = f", CPU {cpu_list(cores.servers[index])}" if cores else ""
-        print(f"starting vLLM {BACKEND_NAMES[index]} ({profile}) on port {port}{where}", flush=True)
-        # One replica each: the comparison is one server against two, not the box's whole layout.
-        stack.start([python, "-m", "deploy", "serve", profile, "--port", str(port), "--replicas", "1"],
-                    f"http://127.0.0.1:{port}/health", timeout=600,
-                    env=cores.env(index) if cores else None, cpus=set(cores.servers[index]) if cores else None)
-        urls.append(f"http://127.0.0.1:{port}")
+        urls.append(start_vllm(stack, profile, BACKEND_NAMES[len(urls)], len(urls), cores))
     return urls
-
-
-def warm_up(backends: list[str], served_name: str, count: int = 8) -> None:
-    """A freshly started vLLM's first batches are slow: a few requests straight to each server, so
-    that no setup's figures carry one server's start. Distinct prompts, sharing nothing with runs."""
-    bodies = [{"model": served_name, "messages": [{"role": "user", "content": f"warm-up {i} " * 100}],
-               "max_tokens": 32, "ignore_eos": True, "stream": True} for i in range(count)]
-    for url in backends:
-        records = asyncio.run(loadgen.run(Endpoint(url, served_name), bodies, Pattern(concurrency=4)))
-        if not all(r.ok for r in records):
-            failed = next(r for r in records if not r.ok)
-            raise BenchError(f"warm-up request to {url} failed: {failed.error} {failed.error_detail or ''}")
 
 
 def start_proxies(stack: Stack, config_dir: Path, profile: str, backends: list[str],
@@ -88,14 +57,9 @@ def start_proxies(stack: Stack, config_dir: Path, profile: str, backends: list[s
     """Setup name -> the base URL of its proxy."""
     setups: dict[str, tuple[list[str], str | None]] = {SINGLE: (backends[:1], None)}
     setups |= {policy: (backends, policy) for policy in policies}
-    proxies = {}
-    for name, (urls, policy) in setups.items():
-        port = free_port()
-        path = config_dir / f"proxy-{name.replace(' ', '-')}.yaml"
-        path.write_text(yaml.safe_dump(proxy_config(profile, port, urls, policy), sort_keys=False))
-        stack.start([sys.executable, "-m", "serving", "--config", str(path)], f"http://127.0.0.1:{port}/ready")
-        proxies[name] = f"http://127.0.0.1:{port}"
-    return proxies
+    return {name: start_proxy(stack, config_dir / f"proxy-{name.replace(' ', '-')}.yaml",
+                              proxy_config(profile, free_port(), urls, policy))
+            for name, (urls, policy) in setups.items()}
 
 
 def bench_config(args: argparse.Namespace, shape: Shape, base_url: str, metrics: list[str], seed: int) -> BenchConfig:
@@ -151,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--scale-out starts the joining vLLM itself: at most one --backend-url (a)")
         if args.join_after < 0 or args.after_join <= 0:
             parser.error("--join-after must be >= 0 and --after-join > 0")
-        from benchmarks.scale_out import run as scale_out  # it imports this module's helpers
-
         return scale_out(args)
     seed = random.SystemRandom().randrange(1 << 30) if args.seed is None else args.seed
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

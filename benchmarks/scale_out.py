@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import report
@@ -34,9 +33,9 @@ from benchmarks.client import Endpoint, send
 from benchmarks.conversation_load import turn_body
 from benchmarks.conversations import SHAPES, Script, Shape, build, check_fits
 from benchmarks.loadgen import connector
-from benchmarks.processes import Cores, Stack, cpu_list, free_port
+from benchmarks.processes import Cores, Stack, free_port
 from benchmarks.records import RequestRecord
-from benchmarks.routing import proxy_config, warm_up
+from benchmarks.replicas import proxy_config, start_proxy, start_vllm, warm_up
 from benchmarks.routing_report import replica_figures, scale_out_table
 from benchmarks.runner import BenchError, tokenizer_source
 from benchmarks.stats import percentile
@@ -171,12 +170,8 @@ async def scenario(args: argparse.Namespace, stack: Stack, cores: Cores | None, 
         await asyncio.sleep(args.join_after)  # the run's schedule: a alone this long
         started = time.perf_counter() - began
         port = int(urls[JOINER].rsplit(":", 1)[1])
-        where = f", CPU {cpu_list(cores.servers[1])}" if cores else ""
-        print(f"starting vLLM {JOINER} ({args.profile}) on port {port}{where} after {started:.0f} s of load",
-              flush=True)
-        await asyncio.to_thread(stack.start, [sys.executable, "-m", "deploy", "serve", args.profile, "--port",
-                                              str(port)], f"{urls[JOINER]}/health", 600,
-                                cores.env(1) if cores else None, set(cores.servers[1]) if cores else None)
+        await asyncio.to_thread(start_vllm, stack, args.profile, JOINER, 1, cores, port,
+                                f" after {started:.0f} s of load")
         deadline = time.monotonic() + 60
         while True:  # until the proxy has seen it healthy (its next /health round)
             ready = json.loads(await _text(session, f"{proxy}/ready"))
@@ -233,11 +228,15 @@ def run(args: argparse.Namespace) -> int:
         stack = Stack(Path(tmp))
         try:
             cores = Cores.plan(sorted(os.sched_getaffinity(0)), 2) if args.bind_cores else None
-            urls = {SERVING: _serving(stack, args, cores), JOINER: f"http://127.0.0.1:{free_port()}"}
+            serving = (str(args.backend_urls[0]).rstrip("/") if args.backend_urls
+                       else start_vllm(stack, args.profile, SERVING, 0, cores))
+            urls = {SERVING: serving, JOINER: f"http://127.0.0.1:{free_port()}"}
             if cores is not None:
                 os.sched_setaffinity(0, set(cores.client))
             warm_up([urls[SERVING]], profile.served_model_name)
-            proxy = _proxy(stack, Path(tmp), args.profile, list(urls.values()))
+            # Both replicas configured from the start: the joiner is down (not started) until it joins.
+            proxy = start_proxy(stack, Path(tmp) / "proxy-scale-out.yaml",
+                                proxy_config(args.profile, free_port(), list(urls.values()), "prefix_affinity"))
             summary = asyncio.run(scenario(args, stack, cores, urls, proxy, profile.served_model_name, script, shape))
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -249,24 +248,3 @@ def run(args: argparse.Namespace) -> int:
     print(scale_out_table(summary))
     print(f"results: {report.write_to(summary, out)}")
     return 0
-
-
-def _serving(stack: Stack, args: argparse.Namespace, cores: Cores | None) -> str:
-    if args.backend_urls:
-        return str(args.backend_urls[0]).rstrip("/")
-    port = free_port()
-    where = f", CPU {cpu_list(cores.servers[0])}" if cores else ""
-    print(f"starting vLLM {SERVING} ({args.profile}) on port {port}{where}", flush=True)
-    stack.start([sys.executable, "-m", "deploy", "serve", args.profile, "--port", str(port)],
-                f"http://127.0.0.1:{port}/health", timeout=600, env=cores.env(0) if cores else None,
-                cpus=set(cores.servers[0]) if cores else None)
-    return f"http://127.0.0.1:{port}"
-
-
-def _proxy(stack: Stack, directory: Path, profile: str, backends: list[str]) -> str:
-    """One proxy with both replicas configured; the joiner is down (not started) until it joins."""
-    port = free_port()
-    path = directory / "proxy-scale-out.yaml"
-    path.write_text(yaml.safe_dump(proxy_config(profile, port, backends, "prefix_affinity"), sort_keys=False))
-    stack.start([sys.executable, "-m", "serving", "--config", str(path)], f"http://127.0.0.1:{port}/ready")
-    return f"http://127.0.0.1:{port}"

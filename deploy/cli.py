@@ -14,6 +14,7 @@ from deploy.errors import DeployError
 from deploy.host import GpuId, gpu_id
 from deploy.layout import DEFAULT_PROXY_PORT
 from deploy.loader import known_profiles, load_profile
+from deploy.memory_plan import GpuType
 from deploy.paths import GENERATED_MODELS_DIR
 from deploy.profile import Profile, Workload
 from deploy.ray import cli as ray_cli
@@ -106,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     gpu = gpu_types[args.gpu]
     gpus = args.gpus or profile.parallelism.world_size
     if args.workload is not None:
-        return _forecast(args, profile, gpus)
+        return _forecast(args, profile, gpu_types, gpus)
     if args.json or args.ttft_ms is not None or args.tpot_ms is not None:
         raise DeployError("--json, --ttft-ms and --tpot-ms go with the forecast: add --workload IN:OUT (or "
                           "--workload alone for the profile's)")
@@ -115,14 +116,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if result.fits else 1
 
 
-def _forecast(args: argparse.Namespace, profile: Profile, gpus: int) -> int:
+def _forecast(args: argparse.Namespace, profile: Profile, gpu_types: dict[str, GpuType], gpus: int) -> int:
     """The throughput forecast on `gpus` GPUs; exit 1 when no layout meets the SLO."""
     from deploy.forecast import aic, report
     from deploy.forecast.choose import Target
     from deploy.forecast.run import finish, prepare
-    from deploy.memory_plan import load_gpu_types
-
-    gpu_types = load_gpu_types()
 
     workload = profile.workload if args.workload is PROFILE_WORKLOAD else args.workload
     if workload is None:

@@ -236,12 +236,31 @@ def plan_memory(
     )
 
 
+def tensor_refusal(shape: ModelShape, tensor: int) -> str | None:
+    """Why the engines refuse this tensor size for the model, or None: the rules vLLM and SGLang
+    apply when they build it. The attention heads split evenly; the KV heads split evenly or are
+    replicated whole (tensor a multiple of them); for a block-quantized (FP8) checkpoint every
+    row-parallel layer's input share is a whole number of quantization blocks (both engines'
+    `validate_fp8_block_shape`: Qwen3-4B-FP8 on tensor 8 splits 9728 into 1216, not a multiple of 128)."""
+    if shape.heads % tensor:
+        return f"does not divide the model's {shape.heads} attention heads"
+    if shape.kv_heads % tensor and tensor % shape.kv_heads:
+        return f"neither divides nor is a multiple of the model's {shape.kv_heads} KV heads"
+    if shape.weight_block is not None and tensor > 1:
+        block_k = shape.weight_block[1]
+        for layer, size in (("down_proj", shape.intermediate), ("o_proj", shape.heads * shape.head_dim)):
+            if size % tensor or (size // tensor) % block_k:
+                return (f"splits {layer}'s {size} inputs into {size / tensor:g} per GPU, not a whole number of "
+                        f"the checkpoint's {block_k}-wide quantization blocks (vLLM and SGLang refuse to load it)")
+    return None
+
+
 def smallest_fit(profile: Profile, gpu: GpuType, limit: int = 64) -> MemoryPlan | None:
-    """The fewest GPUs (tensor parallel, sizes vLLM accepts: dividing the head count) whose KV
-    cache holds a full-length sequence (the activations allowance is per GPU: more do not help)."""
-    heads = read_shape(profile).heads
+    """The fewest GPUs (tensor parallel, sizes the engines accept: tensor_refusal) whose KV cache
+    holds a full-length sequence (the activations allowance is per GPU: more do not help)."""
+    shape = read_shape(profile)
     for n in range(1, limit + 1):
-        if heads % n == 0:
+        if tensor_refusal(shape, n) is None:
             candidate = plan_memory(profile, gpu, n, tensor=n)
             if candidate.kv_fits:
                 return candidate

@@ -48,10 +48,6 @@ class ServeRecord(Strict):
     replicas: list[ReplicaRecord]
     proxy: ProxyRecord | None
 
-    @property
-    def health_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{r.port}/health" for r in self.replicas]
-
 
 def state_path(launcher_pid: int, run_dir: Path = RUN_DIR) -> Path:
     return run_dir / f"{PREFIX}{launcher_pid}.json"

@@ -18,6 +18,15 @@ from deploy.errors import DeployError
 from deploy.paths import REPO_ROOT
 
 
+def pinned(requirements: Path, package: str) -> str:
+    """The version `requirements` pins `package` to, read from the one line that names it."""
+    prefix = f"{package}=="
+    for line in requirements.read_text().splitlines():
+        if line.startswith(prefix):
+            return line.removeprefix(prefix).strip()
+    raise RuntimeError(f"{requirements}: no '{prefix}<version>' line")
+
+
 def run_json(python: Path, script: Path, *, what: str, rebuild: str, error: type[DeployError],
              timeout: float, argv: Sequence[str] = (), stdin: str | None = None,
              env: Mapping[str, str] | None = None) -> dict[str, Any]:

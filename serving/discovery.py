@@ -21,8 +21,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from yarl import URL
 
+from serving.backend import Backend
 from serving.resources import ThrottledLog
-from serving.routing import Backend, ModelBackends
+from serving.routing import ModelBackends
 from serving.upstream import Reach, Upstream
 
 log = logging.getLogger("serving")

@@ -21,13 +21,13 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from serving.backend import Backend
 from serving.config import OutlierEjection
 from serving.resources import ThrottledLog
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
-    from serving.routing import Backend
 
 log = logging.getLogger("serving")
 

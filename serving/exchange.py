@@ -26,6 +26,7 @@ import json
 
 import aiohttp
 
+from serving.backend import Backend
 from serving.config import Route
 from serving.errors import ApiError, sse_error_event
 from serving.http_io import Headers, Send, send_whole
@@ -33,7 +34,7 @@ from serving.metrics import Metrics
 from serving.openai_shaping import Shaped
 from serving.openai_stream import StreamRelay, Usage, nested_error, rewrite_json_response
 from serving.resources import WHAT, ThrottledLog
-from serving.routing import Backend, ModelBackends
+from serving.routing import ModelBackends
 from serving.upstream import BackendReset, ConnectFailed, LocalExhausted, StaleConnection, Upstream
 
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),

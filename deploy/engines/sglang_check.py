@@ -17,7 +17,7 @@ from deploy.engines.base import config_theta
 from deploy.errors import CheckError
 from deploy.paths import CACHE_DIR, REPO_ROOT, shown
 from deploy.profile import Profile
-from deploy.venv_probe import run_json
+from deploy.venv_probe import pinned, run_json
 
 REQUIREMENTS = REPO_ROOT / "deploy" / "sglang-requirements.txt"
 SGLANG_PYTHON = CACHE_DIR / "sglang-venv" / "bin" / "python"
@@ -27,11 +27,8 @@ YARN_EMBEDDING = "YaRNScalingRotaryEmbedding"
 
 
 def pinned_version() -> str:
-    """The SGLang version, read from the one line that names it."""
-    for line in REQUIREMENTS.read_text().splitlines():
-        if line.startswith("sglang=="):
-            return line.removeprefix("sglang==").strip()
-    raise RuntimeError(f"{REQUIREMENTS}: no 'sglang==<version>' line")
+    """The SGLang version deploy/sglang-requirements.txt pins."""
+    return pinned(REQUIREMENTS, "sglang")
 
 
 def run_probe(argv: list[str], env: dict[str, str] | None = None, python: Path = SGLANG_PYTHON) -> dict[str, Any]:

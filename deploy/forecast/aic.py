@@ -17,7 +17,7 @@ from typing import Any
 
 from deploy.errors import DeployError
 from deploy.paths import CACHE_DIR, REPO_ROOT, shown
-from deploy.venv_probe import run_json
+from deploy.venv_probe import pinned, run_json
 
 REQUIREMENTS = REPO_ROOT / "deploy" / "forecast-requirements.txt"
 FORECAST_PYTHON = CACHE_DIR / "forecast-venv" / "bin" / "python"
@@ -31,11 +31,8 @@ AUTO_KV_CACHE_MODES = {"bfloat16": "bfloat16", "float16": "bfloat16"}
 
 
 def pinned_version() -> str:
-    """The aiconfigurator version, read from the one line that names it."""
-    for line in REQUIREMENTS.read_text().splitlines():
-        if line.startswith("aiconfigurator=="):
-            return line.removeprefix("aiconfigurator==").strip()
-    raise RuntimeError(f"{REQUIREMENTS}: no 'aiconfigurator==<version>' line")
+    """The aiconfigurator version deploy/forecast-requirements.txt pins."""
+    return pinned(REQUIREMENTS, "aiconfigurator")
 
 
 def kvcache_mode(kv_cache_dtype: str, model_dtype: str) -> str:
@@ -92,6 +89,12 @@ class Source:
     backend: str
     data_version: str
     system: str
+
+    @property
+    def text(self) -> str:
+        """What every figure it made is printed beside."""
+        return (f"modelled by aiconfigurator {self.aiconfigurator} with its {self.backend} {self.data_version} data "
+                f"for {self.system}, not measured")
 
 
 @dataclass(frozen=True)

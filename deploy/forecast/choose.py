@@ -80,6 +80,9 @@ def recommend(rows: list[Row]) -> Row | None:
     """The layout with the most output tokens/s per GPU at its batch within the SLO (every layout
     fills the same GPUs, so this is also the most for all of them); on a tie the smaller replica,
     as a failure then takes fewer GPUs' share. None when no layout meets the SLO."""
-    scored = [(r.within.figures.tokens_per_s_per_gpu, -r.layout.gpus_per_replica, -i)
-              for i, r in enumerate(rows) if r.within is not None]
-    return rows[-max(scored)[2]] if scored else None
+    def score(r: Row) -> tuple[float, int]:
+        assert r.within is not None
+        return r.within.figures.tokens_per_s_per_gpu, -r.layout.gpus_per_replica
+
+    # max() keeps the first of equals: the earlier layout, as listed.
+    return max((r for r in rows if r.within is not None), key=score, default=None)

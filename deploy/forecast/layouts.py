@@ -2,11 +2,8 @@
 with the profile's pipeline, times the replicas that fill the N GPUs, and the batch its KV cache
 holds for the workload (deploy/memory_plan.py's KV tokens per replica // tokens per request).
 
-The tensor rules are the ones vLLM and SGLang apply when they build the model: the attention
-heads split evenly; the KV heads split evenly or are replicated whole (tensor a multiple of
-them); for a block-quantized (FP8) checkpoint every row-parallel layer's input share is a whole
-number of quantization blocks (both engines' `validate_fp8_block_shape`; Qwen3-4B-FP8 on
-tensor 8: 9728 / 8 = 1216 is not a multiple of 128, so neither engine loads it).
+The tensor sizes are those the engines accept (deploy/memory_plan.py's `tensor_refusal`, which
+`plan`'s smallest fit also asks).
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deploy.errors import DeployError
-from deploy.memory_plan import GIB, GpuType, ModelShape, plan_memory, read_shape
+from deploy.memory_plan import GIB, GpuType, plan_memory, read_shape, tensor_refusal
 from deploy.profile import Profile, Workload
 
 
@@ -37,21 +34,6 @@ class Excluded:
     tensor: int
     pipeline: int
     reason: str
-
-
-def tensor_refusal(shape: ModelShape, tensor: int) -> str | None:
-    """Why the engines refuse this tensor size for the model, or None."""
-    if shape.heads % tensor:
-        return f"does not divide the model's {shape.heads} attention heads"
-    if shape.kv_heads % tensor and tensor % shape.kv_heads:
-        return f"neither divides nor is a multiple of the model's {shape.kv_heads} KV heads"
-    if shape.weight_block is not None and tensor > 1:
-        block_k = shape.weight_block[1]
-        for layer, size in (("down_proj", shape.intermediate), ("o_proj", shape.heads * shape.head_dim)):
-            if size % tensor or (size // tensor) % block_k:
-                return (f"splits {layer}'s {size} inputs into {size / tensor:g} per GPU, not a whole number of "
-                        f"the checkpoint's {block_k}-wide quantization blocks (vLLM and SGLang refuse to load it)")
-    return None
 
 
 def _memory_refusal(profile: Profile, gpu: GpuType, world: int, tensor: int, workload: Workload,

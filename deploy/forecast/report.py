@@ -23,10 +23,8 @@ def _version(text: str | None) -> tuple[int, ...] | None:
 
 
 def source_text(f: Forecast) -> str:
-    s = f.source
-    text = (f"modelled by aiconfigurator {s.aiconfigurator} with its {s.backend} {s.data_version} data for "
-            f"{s.system}, not measured")
-    data, ours = _version(s.data_version), _version(f.engine_version)
+    text = f.source.text
+    data, ours = _version(f.source.data_version), _version(f.engine_version)
     if data and ours and data < ours:
         text += f"; that data predates the {f.engine_label} {f.engine_version} this kit runs"
     return text

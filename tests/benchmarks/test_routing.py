@@ -16,7 +16,7 @@ import pytest
 from benchmarks.conversations import Shape
 from benchmarks.processes import Cores
 from benchmarks.records import RequestRecord
-from benchmarks.routing import proxy_config
+from benchmarks.replicas import proxy_config, start_vllm
 from benchmarks.routing_report import (
     SINGLE,
     histogram_quantile,
@@ -30,6 +30,27 @@ from benchmarks.scale_out import client_figures, engine_values, proxy_values
 from deploy.paths import REPO_ROOT
 from serving.config import ProxyConfig
 from tests.conftest import RunningServer
+
+
+class RecordingStack:
+    def __init__(self) -> None:
+        self.started: list[tuple[list[str], str, dict[str, str] | None, set[int] | None]] = []
+
+    def start(self, argv: list[str], health_url: str, timeout: float = 300, env: dict[str, str] | None = None,
+              cpus: set[int] | None = None) -> None:
+        self.started.append((argv, health_url, env, cpus))
+
+
+def test_each_benchmark_vllm_is_one_replica_on_its_own_cores() -> None:
+    """One `deploy serve` replica per server (on a GPU box serve would otherwise take every GPU, and the
+    second server would find none), bound to its cores when they are kept apart."""
+    stack = RecordingStack()
+    cores = Cores(servers=((0,), (1,)), client=(2,))
+    url = start_vllm(stack, "tiny-qwen3", "b", 1, cores, port=9107)  # type: ignore[arg-type]
+    [(argv, health, env, cpus)] = stack.started
+    assert argv[1:] == ["-m", "deploy", "serve", "tiny-qwen3", "--port", "9107", "--replicas", "1"]
+    assert (url, health, env, cpus) == ("http://127.0.0.1:9107", "http://127.0.0.1:9107/health",
+                                        {"VLLM_CPU_OMP_THREADS_BIND": "1"}, {1})
 
 
 @pytest.mark.parametrize("policy", ["least_in_flight", "prefix_affinity"])

@@ -17,11 +17,11 @@ from deploy.errors import DeployError, ProfileError
 from deploy.forecast import aic
 from deploy.forecast.aic import Figures, Point
 from deploy.forecast.choose import BATCH_CAP, Row, Target, batches, recommend, row
-from deploy.forecast.layouts import Layout, layouts, tensor_refusal
+from deploy.forecast.layouts import Layout, layouts
 from deploy.forecast.report import as_json, as_text, serve_argv
 from deploy.forecast.run import Forecast, prepare
 from deploy.loader import load_profile
-from deploy.memory_plan import ModelShape, load_gpu_types, plan_memory
+from deploy.memory_plan import ModelShape, load_gpu_types, plan_memory, tensor_refusal
 from deploy.paths import REPO_ROOT
 from deploy.profile import Workload
 

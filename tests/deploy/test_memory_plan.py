@@ -41,6 +41,16 @@ def test_qwq_long_context_needs_two_gpus() -> None:
     assert smallest is not None and smallest.gpus == 2 and smallest.fits
 
 
+def test_the_smallest_fit_is_a_tensor_size_the_engines_accept() -> None:
+    """On 24 GB GPUs QwQ's memory would fit on 5 (40 heads split evenly), but its 8 KV heads neither
+    split over 5 nor are 5 whole copies: vLLM refuses tensor 5, so the plan names 8."""
+    l4 = load_gpu_types()["l4"]
+    profile = load_profile("qwq-32b")
+    assert plan_memory(profile, l4, 5, tensor=5).fits  # memory alone would take 5
+    smallest = smallest_fit(profile, l4)
+    assert smallest is not None and smallest.tensor == 8
+
+
 def test_cli_verdict_and_exit_status() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "deploy", "plan", "qwq-32b", "--gpu", "h100-80gb", "--gpus", "1"],

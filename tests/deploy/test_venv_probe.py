@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import CheckError
-from deploy.venv_probe import run_json
+from deploy.venv_probe import pinned, run_json
 
 PYTHON = Path(sys.executable)
 
@@ -49,3 +49,13 @@ def test_a_probe_that_never_answers_is_given_up(tmp_path: Path) -> None:
     script = probe(tmp_path, "import time\ntime.sleep(600)\n")
     with pytest.raises(CheckError, match=r"^the test probe did not answer within 1 s$"):
         run_json(PYTHON, script, what="the test probe", rebuild="make test-venv", error=CheckError, timeout=1)
+
+
+def test_the_pinned_version_is_read_from_the_line_that_names_it(tmp_path: Path) -> None:
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# aiconfigurator==0.0.1 in a comment is not a pin\naiconfigurator-core==0.12.0\n"
+                            "aiconfigurator==0.12.0\n")
+    assert pinned(requirements, "aiconfigurator") == "0.12.0"
+    assert pinned(requirements, "aiconfigurator-core") == "0.12.0"
+    with pytest.raises(RuntimeError, match="no 'sglang==<version>' line"):
+        pinned(requirements, "sglang")

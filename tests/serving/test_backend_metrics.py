@@ -11,9 +11,10 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
+from serving.backend import Backend
 from serving.config import ModelEntry
 from serving.metrics import BackendSample, LiveBackends, Metrics, _Departed
-from serving.routing import Backend, ModelBackends
+from serving.routing import ModelBackends
 
 URLS = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
 

@@ -10,9 +10,10 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
+from serving.backend import Backend
 from serving.config import ModelEntry
 from serving.metrics import Metrics
-from serving.routing import Backend, ModelBackends
+from serving.routing import ModelBackends
 
 
 class Clock:

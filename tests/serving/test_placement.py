@@ -9,9 +9,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from serving.affinity import LIVE_SECONDS, Ring, capacity
+from serving.backend import Backend
 from serving.config import ModelEntry
 from serving.metrics import Metrics
-from serving.routing import Backend, ModelBackends
+from serving.routing import ModelBackends
 
 URLS = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
 

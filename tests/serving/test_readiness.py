@@ -17,10 +17,11 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from serving.app import ProxyApp
+from serving.backend import Backend
 from serving.config import ModelEntry, ProxyConfig
 from serving.metrics import Metrics
 from serving.resources import ThrottledLog
-from serving.routing import Backend, ModelBackends, health_loop
+from serving.routing import ModelBackends, health_loop
 from serving.upstream import Upstream
 from tests.conftest import Service, free_port
 from tests.serving.asgi_client import call
